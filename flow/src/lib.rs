@@ -1,0 +1,11 @@
+//! flow: many independent, ordered, flow-controlled, authenticated byte
+//! streams ("flows") multiplexed over one encrypted connection.
+//!
+//! This crate holds the public types every other piece shares: [`Error`],
+//! [`naming`] (routing ids and endpoints) and [`security`] (principals,
+//! blessings, caveats, authorizers).
+
+pub mod error;
+
+pub use error::{Error, ErrorKind, Result};
+pub use flow_message as message;

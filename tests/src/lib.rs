@@ -1,0 +1,1 @@
+//! End-to-end tests of flow across crates live in `tests/tests/`.
