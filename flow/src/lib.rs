@@ -9,3 +9,5 @@ pub mod error;
 
 pub use error::{Error, ErrorKind, Result};
 pub use flow_message as message;
+pub mod naming;
+pub mod security;

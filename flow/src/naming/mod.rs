@@ -1,0 +1,1 @@
+//! Naming: routing ids and endpoints.

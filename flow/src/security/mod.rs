@@ -1,0 +1,1 @@
+//! Security: principals, blessings, caveats, discharges, patterns, credentials.
