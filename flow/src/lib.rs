@@ -11,3 +11,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use flow_message as message;
 pub mod naming;
 pub mod security;
+pub mod transport;

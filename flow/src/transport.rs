@@ -1,0 +1,109 @@
+//! The traits a transport implements to carry flow connections: a
+//! [`Protocol`] dials, resolves and listens; a [`Listener`] accepts; a
+//! [`FramedConn`] carries whole frames and splits into a [`FrameReader`] and a
+//! [`FrameWriter`] so a connection's reader and writer tasks never contend.
+//!
+//! The registry of protocols and the transports themselves live in the
+//! `flow-protocols` crate.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+
+use crate::Result;
+
+/// Reads whole frames from a transport.
+pub trait FrameReader: Send + 'static {
+    /// The next frame, whole; `Ok(None)` when the peer closed cleanly between
+    /// frames. A stream that ends inside a frame is an error
+    /// ([`crate::ErrorKind::Network`]), as is a frame longer than the
+    /// transport's maximum ([`crate::ErrorKind::BadArg`]).
+    ///
+    /// The frame is returned mutable and uniquely owned so the caller can
+    /// decrypt it in place. Not cancel safe: drop the reader after dropping a
+    /// pending read.
+    fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>>;
+}
+
+/// Writes whole frames to a transport.
+pub trait FrameWriter: Send + 'static {
+    /// Writes `frames` in order, each whole, in as few system calls as the
+    /// transport allows. Completes when the transport has taken every byte.
+    /// Frames longer than the transport's maximum fail with
+    /// [`crate::ErrorKind::BadArg`] before anything is written.
+    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>>;
+
+    /// Flushes and closes the write direction: the peer's reader sees a clean
+    /// end of stream after the last frame.
+    fn close(&mut self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// A connection that carries whole frames, before any encryption.
+pub trait FramedConn: Send + 'static {
+    /// Splits into independent read and write halves.
+    fn split(self: Box<Self>) -> (Box<dyn FrameReader>, Box<dyn FrameWriter>);
+
+    /// The local address, in the protocol's own notation.
+    fn local_addr(&self) -> String;
+
+    /// The remote address, in the protocol's own notation.
+    fn remote_addr(&self) -> String;
+
+    /// The largest frame this transport carries, in bytes.
+    fn max_frame_size(&self) -> usize;
+}
+
+impl fmt::Debug for dyn FramedConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FramedConn")
+            .field("local", &self.local_addr())
+            .field("remote", &self.remote_addr())
+            .finish()
+    }
+}
+
+/// Accepts framed connections.
+pub trait Listener: Send + Sync + 'static {
+    /// The next connection. Transient failures (a peer that goes away during
+    /// a handshake, running out of file descriptors) are retried inside, not
+    /// returned; an error means the listener is closed or broken for good.
+    fn accept(&self) -> BoxFuture<'_, Result<Box<dyn FramedConn>>>;
+
+    /// The address actually listened on (a port of 0 is replaced by the real
+    /// port).
+    fn local_addr(&self) -> String;
+
+    /// Stops listening. Pending and later [`Listener::accept`] calls fail with
+    /// [`crate::ErrorKind::BadState`].
+    fn close(&self);
+}
+
+/// A way to make framed connections: tcp, ws, unix, memory, ...
+pub trait Protocol: Send + Sync + 'static {
+    /// Connects to `address` using `protocol` (one of the names this protocol
+    /// was registered for), failing with [`crate::ErrorKind::Timeout`] after
+    /// `timeout`.
+    fn dial<'a>(
+        &'a self,
+        protocol: &'a str,
+        address: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn FramedConn>>>;
+
+    /// Normalizes `address` (for tcp: DNS) into the protocol to dial and every
+    /// address it stands for.
+    fn resolve<'a>(
+        &'a self,
+        protocol: &'a str,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<(String, Vec<String>)>>;
+
+    /// Starts listening on `address`.
+    fn listen<'a>(
+        &'a self,
+        protocol: &'a str,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Listener>>>;
+}
