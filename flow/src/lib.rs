@@ -5,6 +5,7 @@
 //! [`naming`] (routing ids and endpoints) and [`security`] (principals,
 //! blessings, caveats, authorizers).
 
+pub mod auth;
 pub mod error;
 
 pub use error::{Error, ErrorKind, Result};
