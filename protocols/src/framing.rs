@@ -1,0 +1,363 @@
+//! Length-prefixed framing over any byte stream, shared by tcp, unix and the
+//! raw side of wsh.
+//!
+//! On the wire a frame is a 4-byte big-endian length followed by that many
+//! bytes. Reads buffer large chunks into one `BytesMut` and hand out whole
+//! frames with `split_to`; writes put every prefix and frame of one call into
+//! a single vectored write, continuing after partial writes.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use flow::transport::{FrameReader, FrameWriter, FramedConn};
+use flow::{Error, ErrorKind, Result};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::MAX_FRAME_SIZE;
+
+/// Bytes in a frame's length prefix.
+pub(crate) const PREFIX_LEN: usize = 4;
+
+/// How much a reader asks the kernel for at least, per read.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// Checks every frame of a write against the maximum before anything is
+/// written.
+pub(crate) fn check_frame_sizes(label: &str, frames: &[Bytes]) -> Result<()> {
+    match frames.iter().find(|f| f.len() > MAX_FRAME_SIZE) {
+        Some(frame) => Err(Error::bad_arg(format!(
+            "{label}: frame of {} bytes exceeds the maximum of {MAX_FRAME_SIZE}",
+            frame.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Wraps an i/o error of an established connection, naming the connection.
+pub(crate) fn io_error(label: &str, what: &str, err: std::io::Error) -> Error {
+    let kind = match err.kind() {
+        std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Network,
+    };
+    Error::with_source(kind, format!("{label}: {what}: {err}"), err)
+}
+
+/// The read half of a length-prefixed stream.
+pub(crate) struct StreamReader<R> {
+    io: R,
+    buf: BytesMut,
+    label: Arc<str>,
+}
+
+impl<R: AsyncRead + Unpin> StreamReader<R> {
+    /// A reader over `io`, naming the connection `label` in errors.
+    pub(crate) fn new(io: R, label: Arc<str>) -> Self {
+        Self::with_buffered(io, BytesMut::new(), label)
+    }
+
+    /// A reader over `io` whose first bytes were already read into `buf`.
+    pub(crate) fn with_buffered(io: R, buf: BytesMut, label: Arc<str>) -> Self {
+        StreamReader { io, buf, label }
+    }
+
+    async fn next_frame(&mut self) -> Result<Option<BytesMut>> {
+        loop {
+            let wanted = if self.buf.len() >= PREFIX_LEN {
+                let mut prefix = [0u8; PREFIX_LEN];
+                prefix.copy_from_slice(&self.buf[..PREFIX_LEN]);
+                let len = u32::from_be_bytes(prefix) as usize;
+                if len > MAX_FRAME_SIZE {
+                    return Err(Error::bad_arg(format!(
+                        "{}: peer sent a frame of {len} bytes, over the maximum of {MAX_FRAME_SIZE}",
+                        self.label
+                    )));
+                }
+                let total = PREFIX_LEN + len;
+                if self.buf.len() >= total {
+                    self.buf.advance(PREFIX_LEN);
+                    return Ok(Some(self.buf.split_to(len)));
+                }
+                total - self.buf.len()
+            } else {
+                PREFIX_LEN - self.buf.len()
+            };
+            self.buf.reserve(wanted.max(READ_CHUNK));
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io_error(&self.label, "reading", e))?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::network(format!(
+                    "{}: stream ended inside a frame ({} bytes of it received)",
+                    self.label,
+                    self.buf.len()
+                )));
+            }
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
+    fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>> {
+        Box::pin(self.next_frame())
+    }
+}
+
+/// The write half of a length-prefixed stream.
+pub(crate) struct StreamWriter<W> {
+    io: W,
+    label: Arc<str>,
+    prefixes: Vec<[u8; PREFIX_LEN]>,
+}
+
+impl<W: AsyncWrite + Unpin> StreamWriter<W> {
+    /// A writer over `io`, naming the connection `label` in errors.
+    pub(crate) fn new(io: W, label: Arc<str>) -> Self {
+        StreamWriter {
+            io,
+            label,
+            prefixes: Vec::new(),
+        }
+    }
+
+    async fn write_all_frames(&mut self, frames: &[Bytes]) -> Result<()> {
+        check_frame_sizes(&self.label, frames)?;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let StreamWriter {
+            io,
+            label,
+            prefixes,
+        } = self;
+        prefixes.clear();
+        // Lengths fit: every frame is at most MAX_FRAME_SIZE <= u32::MAX.
+        prefixes.extend(frames.iter().map(|f| (f.len() as u32).to_be_bytes()));
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        for (prefix, frame) in prefixes.iter().zip(frames) {
+            slices.push(IoSlice::new(prefix));
+            if !frame.is_empty() {
+                slices.push(IoSlice::new(frame));
+            }
+        }
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let n = io
+                .write_vectored(rest)
+                .await
+                .map_err(|e| io_error(label, "writing", e))?;
+            if n == 0 {
+                return Err(Error::network(format!(
+                    "{label}: connection took no more bytes"
+                )));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        io.flush().await.map_err(|e| io_error(label, "flushing", e))
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        match self.io.shutdown().await {
+            Ok(()) => Ok(()),
+            // The peer is already gone: the write direction is closed either way.
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(io_error(&self.label, "closing", e)),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.write_all_frames(frames))
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shutdown())
+    }
+}
+
+/// A length-prefixed connection over separate read and write halves.
+pub(crate) struct StreamConn<R, W> {
+    reader: StreamReader<R>,
+    writer: StreamWriter<W>,
+    local: String,
+    remote: String,
+}
+
+impl<R, W> StreamConn<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    /// A connection over the halves `read` and `write`; `protocol` and the
+    /// addresses name it in errors.
+    pub(crate) fn new(protocol: &str, read: R, write: W, local: String, remote: String) -> Self {
+        Self::with_buffered(protocol, read, BytesMut::new(), write, local, remote)
+    }
+
+    /// As [`StreamConn::new`], with bytes already read from `read` in `buf`.
+    pub(crate) fn with_buffered(
+        protocol: &str,
+        read: R,
+        buf: BytesMut,
+        write: W,
+        local: String,
+        remote: String,
+    ) -> Self {
+        let label: Arc<str> = format!("{protocol} {local}<->{remote}").into();
+        StreamConn {
+            reader: StreamReader::with_buffered(read, buf, label.clone()),
+            writer: StreamWriter::new(write, label),
+            local,
+            remote,
+        }
+    }
+}
+
+impl<R, W> FramedConn for StreamConn<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    fn split(self: Box<Self>) -> (Box<dyn FrameReader>, Box<dyn FrameWriter>) {
+        let this = *self;
+        (Box::new(this.reader), Box::new(this.writer))
+    }
+
+    fn local_addr(&self) -> String {
+        self.local.clone()
+    }
+
+    fn remote_addr(&self) -> String {
+        self.remote.clone()
+    }
+
+    fn max_frame_size(&self) -> usize {
+        MAX_FRAME_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A writer that takes at most `step` bytes per call, to exercise
+    /// partial vectored writes.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut left = self.step;
+            let mut total = 0;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.out.extend_from_slice(&buf[..n]);
+                left -= n;
+                total += n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(total))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_vectored_writes_keep_frames_whole() {
+        let frames: Vec<Bytes> = (0..50usize)
+            .map(|i| Bytes::from(vec![i as u8; (i * 37) % 300]))
+            .collect();
+        for step in [1, 3, 4, 5, 7, 64, 1000, 1 << 20] {
+            let mut writer = StreamWriter::new(
+                Trickle {
+                    out: Vec::new(),
+                    step,
+                },
+                "test".into(),
+            );
+            writer.write_all_frames(&frames).await.expect("write");
+            let wire = std::mem::take(&mut writer.io.out);
+            let mut reader = StreamReader::new(&wire[..], "test".into());
+            for frame in &frames {
+                let got = reader.next_frame().await.expect("read").expect("frame");
+                assert_eq!(&got[..], &frame[..], "step {step}");
+            }
+            assert!(reader.next_frame().await.expect("eof").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_typed() {
+        let too_long = ((MAX_FRAME_SIZE + 1) as u32).to_be_bytes();
+        let mut reader = StreamReader::new(&too_long[..], "peer-x".into());
+        let err = reader.next_frame().await.expect_err("too long");
+        assert_eq!(err.kind(), ErrorKind::BadArg);
+        assert!(err.message().contains("peer-x"));
+
+        let half = [0u8, 0, 0, 10, 1, 2, 3];
+        let mut reader = StreamReader::new(&half[..], "peer-y".into());
+        let err = reader.next_frame().await.expect_err("truncated");
+        assert_eq!(err.kind(), ErrorKind::Network);
+        assert!(err.message().contains("peer-y"));
+
+        let half_prefix = [0u8, 0];
+        let mut reader = StreamReader::new(&half_prefix[..], "peer-z".into());
+        let err = reader.next_frame().await.expect_err("truncated prefix");
+        assert_eq!(err.kind(), ErrorKind::Network);
+    }
+
+    #[tokio::test]
+    async fn oversized_write_is_refused_before_writing() {
+        let mut writer = StreamWriter::new(
+            Trickle {
+                out: Vec::new(),
+                step: 1 << 20,
+            },
+            "w".into(),
+        );
+        let frames = [
+            Bytes::from_static(b"ok"),
+            Bytes::from(vec![0u8; MAX_FRAME_SIZE + 1]),
+        ];
+        let err = writer.write_all_frames(&frames).await.expect_err("too big");
+        assert_eq!(err.kind(), ErrorKind::BadArg);
+        assert!(writer.io.out.is_empty());
+    }
+}
