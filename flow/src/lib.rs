@@ -6,6 +6,8 @@
 //! blessings, caveats, authorizers).
 
 pub mod auth;
+#[cfg(feature = "wip-conn")]
+pub mod conn;
 pub mod error;
 
 pub use error::{Error, ErrorKind, Result};

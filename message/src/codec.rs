@@ -86,6 +86,12 @@ impl Reader {
         self.context
     }
 
+    /// Bytes read so far.
+    #[inline]
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Bytes not yet read.
     #[inline]
     pub fn remaining(&self) -> usize {

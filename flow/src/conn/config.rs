@@ -1,0 +1,60 @@
+//! Tunables and limits of a connection.
+
+use std::time::Duration;
+
+/// How a connection behaves and what it lets a peer do.
+///
+/// The defaults suit a general-purpose service; every limit is one the peer
+/// cannot grow: going over it closes that connection with a typed error.
+#[derive(Debug, Clone)]
+pub struct ConnConfig {
+    /// Largest frame this side accepts, in bytes of plaintext. The smaller of
+    /// the two sides' values (and the transport's limit) is used.
+    pub max_frame: usize,
+    /// Bytes of shared credit granted to the peer for the payloads of new
+    /// flows (sent inside `OpenFlow`, before the flow's own credit arrives).
+    pub shared_tokens: u64,
+    /// Receive window a new flow starts with, in bytes.
+    pub initial_window: u64,
+    /// Smallest window a flow is given when the connection budget is spent.
+    pub min_window: u64,
+    /// Largest window auto-tuning may grow a flow to.
+    pub max_window: u64,
+    /// Bound on the sum of all flows' receive windows, in bytes: the most
+    /// this side buffers for the connection (beyond `min_window` per flow
+    /// once the budget is spent).
+    pub connection_budget: u64,
+    /// Most flows open at once on the connection (both directions).
+    pub max_flows: usize,
+    /// Most flows opened by the peer and not yet accepted by the application.
+    pub max_pending_accepts: usize,
+    /// Most distinct blessings or discharges the peer may send on the
+    /// connection.
+    pub max_peer_credentials: usize,
+    /// Largest slice one flow sends before the next ready flow gets a turn.
+    pub send_slice: usize,
+    /// Silence after which the connection is declared dead; a health check is
+    /// sent after half of it.
+    pub channel_timeout: Duration,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            max_frame: 64 * 1024,
+            shared_tokens: 64 * 1024,
+            initial_window: 256 * 1024,
+            min_window: 16 * 1024,
+            max_window: 16 * 1024 * 1024,
+            connection_budget: 64 * 1024 * 1024,
+            max_flows: 1 << 17,
+            max_pending_accepts: 4096,
+            max_peer_credentials: 64,
+            send_slice: 16 * 1024,
+            channel_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,1719 @@
+//! The connection multiplexer as a sans-I/O state machine.
+//!
+//! [`ConnState`] owns the flow table, the flow-control accounting, the write
+//! scheduler, the health-check clock and the connection's lifecycle. It owns
+//! no socket, spawns nothing and never reads the clock: the driver feeds it
+//! decrypted frames ([`ConnState::handle_frame`]) and the current time, asks
+//! it for frames to send ([`ConnState::build_frame`]) and for its next
+//! deadline ([`ConnState::poll_timeout`]). Flow handles call the `poll_*`
+//! methods under the driver's lock; wakers are the only async piece here.
+//!
+//! Peer input that breaks the protocol never panics: it closes the
+//! connection with an [`ErrorKind::BadArg`] error whose reason goes to the
+//! peer in a `TearDown`.
+
+use std::collections::{HashMap, VecDeque};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flow_message::codec::Reader;
+use flow_message::{
+    BlessingsMsg, Data, DischargesMsg, Flags, Message, OpenFlow, Release, ReleaseMsg, TearDown,
+};
+
+use super::config::ConnConfig;
+use super::flow_control::{Budget, RecvWindow, SendCredit, SharedPool};
+use crate::security::{Blessings, Discharges};
+use crate::{Error, ErrorKind, Result};
+
+/// Identifies a flow within its connection.
+pub type FlowId = u64;
+
+/// Which side of the handshake this end was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opened the connection.
+    Dialer,
+    /// Accepted the connection.
+    Acceptor,
+}
+
+impl Role {
+    fn id_bit(self) -> u64 {
+        match self {
+            Role::Dialer => 0,
+            Role::Acceptor => 1,
+        }
+    }
+}
+
+/// Blessings key of the credentials each side presented in its handshake.
+pub const CONN_BLESSINGS_KEY: u64 = 1;
+/// Discharges key meaning "no discharges".
+pub const NO_DISCHARGES_KEY: u64 = 0;
+
+/// Marks the ids of flows this side opened that have no wire id yet: wire
+/// ids are handed out when the `OpenFlow` goes out, so the peer sees them in
+/// increasing order whatever order the application writes in.
+const PROVISIONAL: FlowId = 1 << 63;
+
+/// Largest header an `OpenFlow` can have (type byte and six varints).
+const MAX_OPEN_FLOW_HEADER: usize = 1 + 6 * 9;
+/// Largest header a `Data` message can have (type byte and three varints).
+const MAX_DATA_HEADER: usize = 1 + 3 * 9;
+/// A received payload smaller than 1/`COPY_RATIO` of its frame is copied out
+/// so it does not pin the whole frame in memory.
+const COPY_RATIO: usize = 8;
+
+/// What the handshake settled, which the multiplexer starts from.
+#[derive(Debug, Clone)]
+pub struct Established {
+    /// This side's role.
+    pub role: Role,
+    /// Negotiated protocol version.
+    pub version: u32,
+    /// Largest plaintext frame this side may send.
+    pub max_frame: usize,
+    /// Shared tokens the peer granted for first payloads.
+    pub peer_shared_tokens: u64,
+    /// Round-trip time measured during the handshake.
+    pub rtt: Duration,
+    /// Blessings this side presented.
+    pub local_blessings: Blessings,
+    /// Discharges this side presented.
+    pub local_discharges: Discharges,
+    /// Blessings the peer presented, bound to the channel.
+    pub remote_blessings: Blessings,
+    /// Discharges the peer presented.
+    pub remote_discharges: Discharges,
+}
+
+/// Options of a new flow.
+#[derive(Debug, Clone, Default)]
+pub struct FlowOptions {
+    /// The flow does not keep the connection busy (it may be closed for
+    /// idleness while the flow is open).
+    pub side_channel: bool,
+    /// Blessings (and discharges) to present on this flow instead of the
+    /// connection's.
+    pub blessings: Option<(Blessings, Discharges)>,
+}
+
+/// Counters of a connection, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Payload bytes sent on flows.
+    pub bytes_sent: u64,
+    /// Payload bytes received on flows.
+    pub bytes_received: u64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Messages received.
+    pub messages_received: u64,
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Flows opened, by either side.
+    pub flows_opened: u64,
+    /// Flows finished and forgotten.
+    pub flows_closed: u64,
+    /// Flows open now.
+    pub flows_open: u64,
+}
+
+/// A frame [`ConnState::build_frame`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltFrame {
+    /// Bytes from the frame start to encrypt; anything after is a
+    /// passthrough payload sent as is.
+    pub encrypted_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendState {
+    /// Open for writing.
+    Open,
+    /// The application closed the write side; `CLOSE` not sent yet.
+    Closing,
+    /// `CLOSE` sent.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecvState {
+    Open,
+    /// The peer sent `CLOSE`: once the queue drains, reads see the end.
+    PeerClosed,
+}
+
+#[derive(Debug)]
+struct FlowEntry {
+    /// The `OpenFlow` went out (always true for flows the peer opened).
+    opened: bool,
+    /// The provisional id the application's handle still uses.
+    alias: Option<FlowId>,
+    send_state: SendState,
+    credit: SendCredit,
+    send_queue: VecDeque<Bytes>,
+    queued: u64,
+    in_ready: bool,
+    recv_state: RecvState,
+    window: RecvWindow,
+    recv_queue: VecDeque<Bytes>,
+    pending_release: Option<u64>,
+    /// The application closed the flow (or dropped every handle): incoming
+    /// bytes are thrown away and their credit returned at once.
+    discarding: bool,
+    handle_alive: bool,
+    side_channel: bool,
+    /// Each write is sent as exactly one `Data` message.
+    whole_messages: bool,
+    /// Payloads are already end-to-end encrypted; send them unencrypted.
+    passthrough: bool,
+    local_blessings_key: u64,
+    local_discharge_key: u64,
+    remote_blessings_key: u64,
+    remote_discharge_key: u64,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    closed_wakers: Vec<Waker>,
+}
+
+impl FlowEntry {
+    fn is_sendable(&self) -> bool {
+        match self.send_state {
+            SendState::Closing => true,
+            SendState::Open => !self.opened || !self.send_queue.is_empty(),
+            SendState::Closed => false,
+        }
+    }
+
+    fn send_done(&self) -> bool {
+        self.send_state == SendState::Closed
+    }
+
+    fn recv_done(&self) -> bool {
+        self.recv_state == RecvState::PeerClosed && (self.recv_queue.is_empty() || self.discarding)
+    }
+
+    fn is_finished(&self) -> bool {
+        // A flow never opened on the wire is unknown to the peer, which will
+        // send nothing on it.
+        !self.handle_alive && self.send_done() && (self.recv_done() || !self.opened)
+    }
+
+    fn wake_all(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+        for w in self.closed_wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Open,
+    /// Closing: the `TearDown` (if any) is queued; nothing else is sent.
+    Closing,
+    /// Closed: nothing more is sent or received.
+    Closed,
+}
+
+/// The multiplexer of one connection.
+#[derive(Debug)]
+pub struct ConnState {
+    role: Role,
+    config: ConnConfig,
+    version: u32,
+    max_frame: usize,
+    flows: HashMap<FlowId, FlowEntry>,
+    next_local_seq: u64,
+    next_provisional: u64,
+    aliases: HashMap<FlowId, FlowId>,
+    highest_peer_id: Option<FlowId>,
+    accept_queue: VecDeque<FlowId>,
+    accept_waker: Option<Waker>,
+    pool: SharedPool,
+    budget: Budget,
+    ready: VecDeque<FlowId>,
+    release_queue: VecDeque<FlowId>,
+    /// Releases of flows forgotten before their release went out (the first
+    /// grant must still reach the peer: it returns its shared tokens).
+    orphan_releases: Vec<Release>,
+    control: VecDeque<Message>,
+    health_response_due: bool,
+    writer_waker: Option<Waker>,
+    local_blessings: Vec<(Blessings, u64)>,
+    local_discharges: Vec<(Discharges, u64)>,
+    remote_blessings: HashMap<u64, Blessings>,
+    remote_discharges: HashMap<u64, Discharges>,
+    rtt: Duration,
+    last_received: Instant,
+    last_used: Instant,
+    health_sent_at: Option<Instant>,
+    peer_lame_duck: bool,
+    local_lame_duck: bool,
+    lame_duck_acked: bool,
+    /// The peer asked for lame duck; the answer waits until every flow this
+    /// side has started opening is open on the wire.
+    lame_duck_ack_due: bool,
+    lame_duck_ack_sent: bool,
+    lifecycle: Lifecycle,
+    error: Option<Error>,
+    conn_wakers: Vec<Waker>,
+    busy_flows: usize,
+    stats: ConnStats,
+}
+
+fn violation(message: impl Into<String>) -> Error {
+    Error::bad_arg(format!("protocol violation: {}", message.into()))
+}
+
+fn wake_opt(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}
+
+fn push_waker(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
+    if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+        wakers.push(cx.waker().clone());
+    }
+}
+
+impl ConnState {
+    /// A multiplexer starting from what the handshake settled, at `now`.
+    pub fn new(config: ConnConfig, est: Established, now: Instant) -> Self {
+        let mut remote_blessings = HashMap::new();
+        remote_blessings.insert(CONN_BLESSINGS_KEY, est.remote_blessings);
+        let mut remote_discharges = HashMap::new();
+        remote_discharges.insert(NO_DISCHARGES_KEY, Discharges::new());
+        remote_discharges.insert(CONN_BLESSINGS_KEY, est.remote_discharges);
+        let budget = Budget::new(config.connection_budget);
+        ConnState {
+            role: est.role,
+            version: est.version,
+            max_frame: est.max_frame,
+            flows: HashMap::new(),
+            next_local_seq: 1,
+            next_provisional: 1,
+            aliases: HashMap::new(),
+            highest_peer_id: None,
+            accept_queue: VecDeque::new(),
+            accept_waker: None,
+            pool: SharedPool::new(est.peer_shared_tokens),
+            budget,
+            ready: VecDeque::new(),
+            release_queue: VecDeque::new(),
+            orphan_releases: Vec::new(),
+            control: VecDeque::new(),
+            health_response_due: false,
+            writer_waker: None,
+            local_blessings: vec![(est.local_blessings, CONN_BLESSINGS_KEY)],
+            local_discharges: vec![(est.local_discharges, CONN_BLESSINGS_KEY)],
+            remote_blessings,
+            remote_discharges,
+            rtt: est.rtt,
+            last_received: now,
+            last_used: now,
+            health_sent_at: None,
+            peer_lame_duck: false,
+            local_lame_duck: false,
+            lame_duck_acked: false,
+            lame_duck_ack_due: false,
+            lame_duck_ack_sent: false,
+            lifecycle: Lifecycle::Open,
+            error: None,
+            conn_wakers: Vec::new(),
+            busy_flows: 0,
+            stats: ConnStats::default(),
+            config,
+        }
+    }
+
+    // ----- Connection-level queries -------------------------------------
+
+    /// This side's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The latest round-trip time (handshake, then health checks).
+    pub fn rtt(&self) -> Duration {
+        self.rtt
+    }
+
+    /// When a flow last sent or received bytes.
+    pub fn last_used(&self) -> Instant {
+        self.last_used
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> ConnStats {
+        let mut stats = self.stats;
+        stats.flows_open = self.flows.len() as u64;
+        stats
+    }
+
+    /// Whether no flow other than side channels is open.
+    pub fn is_idle(&self) -> bool {
+        self.busy_flows == 0
+    }
+
+    /// Whether the peer asked this side to open no more flows.
+    pub fn is_peer_lame_duck(&self) -> bool {
+        self.peer_lame_duck
+    }
+
+    /// Whether the peer acknowledged this side's lame duck.
+    pub fn is_lame_duck_acked(&self) -> bool {
+        self.lame_duck_acked
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// Whether the connection is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.lifecycle != Lifecycle::Open
+    }
+
+    /// Whether nothing more will ever be sent: the driver may close the
+    /// transport once the last built frame is written.
+    pub fn is_finished(&self) -> bool {
+        self.lifecycle == Lifecycle::Closed
+            || (self.lifecycle == Lifecycle::Closing && self.control.is_empty())
+    }
+
+    /// Sum of all receive windows, in bytes (bounded by the budget).
+    pub fn window_total(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// Number of flows in the table.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The remote blessings presented on the connection.
+    pub fn remote_blessings(&self) -> Blessings {
+        self.remote_blessings
+            .get(&CONN_BLESSINGS_KEY)
+            .cloned()
+            .unwrap_or_else(Blessings::empty)
+    }
+
+    /// The remote discharges presented on the connection.
+    pub fn remote_discharges(&self) -> Discharges {
+        self.remote_discharges
+            .get(&CONN_BLESSINGS_KEY)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The blessings this side presented on the connection.
+    pub fn local_blessings(&self) -> Blessings {
+        self.local_blessings[0].0.clone()
+    }
+
+    /// The discharges this side presented on the connection.
+    pub fn local_discharges(&self) -> Discharges {
+        self.local_discharges[0].0.clone()
+    }
+
+    /// Resolves once the connection is closed.
+    pub fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+        if let Some(err) = &self.error {
+            return Poll::Ready(err.clone());
+        }
+        push_waker(&mut self.conn_wakers, cx);
+        Poll::Pending
+    }
+
+    /// Resolves once the peer acknowledged this side's lame duck (or the
+    /// connection closed).
+    pub fn poll_lame_duck_acked(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.lame_duck_acked || self.error.is_some() {
+            return Poll::Ready(());
+        }
+        push_waker(&mut self.conn_wakers, cx);
+        Poll::Pending
+    }
+
+    /// Resolves once no non-side-channel flow is open (or the connection
+    /// closed).
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.busy_flows == 0 || self.error.is_some() {
+            return Poll::Ready(());
+        }
+        push_waker(&mut self.conn_wakers, cx);
+        Poll::Pending
+    }
+
+    fn wake_conn(&mut self) {
+        for w in self.conn_wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Registers the writer task's waker: woken when there is something to
+    /// send or a deadline changed.
+    pub fn register_writer(&mut self, waker: &Waker) {
+        if !self
+            .writer_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(waker))
+        {
+            self.writer_waker = Some(waker.clone());
+        }
+    }
+
+    /// Whether [`ConnState::build_frame`] has something to send.
+    pub fn wants_to_send(&self) -> bool {
+        match self.lifecycle {
+            Lifecycle::Closed => false,
+            Lifecycle::Closing => !self.control.is_empty(),
+            Lifecycle::Open => {
+                !self.control.is_empty()
+                    || self.health_response_due
+                    || self.lame_duck_ack_due
+                    || !self.release_queue.is_empty()
+                    || !self.orphan_releases.is_empty()
+                    || !self.ready.is_empty()
+            }
+        }
+    }
+
+    // ----- Lifecycle ------------------------------------------------------
+
+    fn fail(&mut self, err: Error, teardown: Option<String>) {
+        if self.lifecycle != Lifecycle::Open {
+            return;
+        }
+        tracing::debug!(error = %err, "connection closing");
+        self.error = Some(err);
+        self.control.clear();
+        self.ready.clear();
+        self.release_queue.clear();
+        self.orphan_releases.clear();
+        self.health_response_due = false;
+        self.lame_duck_ack_due = false;
+        self.lifecycle = match teardown {
+            Some(reason) => {
+                self.control
+                    .push_back(Message::TearDown(TearDown { reason }));
+                Lifecycle::Closing
+            }
+            None => Lifecycle::Closed,
+        };
+        for entry in self.flows.values_mut() {
+            entry.wake_all();
+        }
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        self.wake_conn();
+        wake_opt(&mut self.writer_waker);
+    }
+
+    /// Closes the connection from this side, telling the peer `reason`.
+    pub fn close(&mut self, reason: &str) {
+        let err = Error::new(ErrorKind::Aborted, format!("connection closed: {reason}"));
+        self.fail(err, Some(reason.to_string()));
+    }
+
+    /// The transport failed or ended: nothing more can be sent or received.
+    pub fn transport_failed(&mut self, err: Error) {
+        self.fail(err, None);
+        self.lifecycle = Lifecycle::Closed;
+    }
+
+    /// Asks the peer to open no more flows on this connection.
+    pub fn enter_lame_duck(&mut self) {
+        if self.local_lame_duck || self.lifecycle != Lifecycle::Open {
+            return;
+        }
+        self.local_lame_duck = true;
+        self.control.push_back(Message::EnterLameDuck);
+        wake_opt(&mut self.writer_waker);
+    }
+
+    // ----- Time -----------------------------------------------------------
+
+    /// The next instant [`ConnState::handle_timeout`] must be called at.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.lifecycle != Lifecycle::Open {
+            return None;
+        }
+        let timeout = self.config.channel_timeout;
+        let dead_at = self.last_received + timeout;
+        if self.health_sent_at.is_some() {
+            Some(dead_at)
+        } else {
+            Some(self.last_received + timeout / 2)
+        }
+    }
+
+    /// Runs the health-check clock: sends a check after half the channel
+    /// timeout of silence, closes the connection after all of it.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.lifecycle != Lifecycle::Open {
+            return;
+        }
+        let timeout = self.config.channel_timeout;
+        let silent = now.saturating_duration_since(self.last_received);
+        if silent >= timeout {
+            let err = Error::network(format!(
+                "peer sent nothing for {silent:?} (channel timeout {timeout:?})"
+            ));
+            self.fail(err, Some("channel timeout".to_string()));
+        } else if silent >= timeout / 2 && self.health_sent_at.is_none() {
+            self.health_sent_at = Some(now);
+            self.control.push_back(Message::HealthCheckRequest);
+            wake_opt(&mut self.writer_waker);
+        }
+    }
+
+    // ----- Receiving ------------------------------------------------------
+
+    /// Feeds a decrypted frame: its first `encrypted_len` bytes were
+    /// encrypted, the rest is at most one passthrough payload. A protocol
+    /// violation closes the connection and is returned.
+    pub fn handle_frame(&mut self, now: Instant, frame: Bytes, encrypted_len: usize) -> Result<()> {
+        if self.lifecycle == Lifecycle::Closed {
+            return Ok(());
+        }
+        self.last_received = now;
+        self.stats.frames_received += 1;
+        let frame_len = frame.len();
+        let mut reader = Reader::new(frame, "Frame");
+        if reader.is_empty() {
+            return self.violate("empty frame");
+        }
+        while !reader.is_empty() {
+            let start = reader.position();
+            let msg = match Message::decode(&mut reader) {
+                Ok(msg) => msg,
+                Err(err) => return self.violate(err.to_string()),
+            };
+            if reader.position() > encrypted_len {
+                let ok = match &msg {
+                    Message::Data(d) => {
+                        d.flags.contains(Flags::PASSTHROUGH)
+                            && reader.is_empty()
+                            && start <= encrypted_len
+                            && encrypted_len - start
+                                == Data::header_len(d.id, d.flags, d.payload.len())
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return self.violate("unencrypted bytes outside a passthrough payload");
+                }
+            }
+            self.stats.messages_received += 1;
+            if let Err(err) = self.handle_message(now, msg, frame_len) {
+                self.fail(err.clone(), Some(err.message().to_string()));
+                return Err(err);
+            }
+            if self.lifecycle == Lifecycle::Closed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn violate(&mut self, message: impl Into<String>) -> Result<()> {
+        let err = violation(message);
+        self.fail(err.clone(), Some(err.message().to_string()));
+        Err(err)
+    }
+
+    fn handle_message(&mut self, now: Instant, msg: Message, frame_len: usize) -> Result<()> {
+        match msg {
+            Message::OpenFlow(open) => self.on_open_flow(now, open, frame_len),
+            Message::Data(data) => self.on_data(now, data.id, data.flags, data.payload, frame_len),
+            Message::Release(release) => self.on_release(release),
+            Message::HealthCheckRequest => {
+                self.health_response_due = true;
+                wake_opt(&mut self.writer_waker);
+                Ok(())
+            }
+            Message::HealthCheckResponse => {
+                if let Some(sent) = self.health_sent_at.take() {
+                    self.rtt = now.saturating_duration_since(sent);
+                }
+                Ok(())
+            }
+            Message::TearDown(td) => {
+                let err = Error::new(
+                    ErrorKind::Aborted,
+                    format!("connection closed by peer: {}", td.reason),
+                );
+                self.fail(err, None);
+                Ok(())
+            }
+            Message::EnterLameDuck => {
+                if !self.peer_lame_duck {
+                    self.peer_lame_duck = true;
+                    self.lame_duck_ack_due = true;
+                    wake_opt(&mut self.writer_waker);
+                    self.wake_conn();
+                }
+                Ok(())
+            }
+            Message::AckLameDuck => {
+                if !self.local_lame_duck {
+                    return Err(violation("AckLameDuck without EnterLameDuck"));
+                }
+                self.lame_duck_acked = true;
+                self.wake_conn();
+                Ok(())
+            }
+            Message::Blessings(b) => self.on_blessings(b),
+            Message::Discharges(d) => self.on_discharges(d),
+            other => Err(violation(format!(
+                "unexpected {} after the handshake",
+                other.name()
+            ))),
+        }
+    }
+
+    fn on_blessings(&mut self, msg: BlessingsMsg) -> Result<()> {
+        if self.remote_blessings.contains_key(&msg.key) {
+            return Err(violation(format!("blessings key {} sent twice", msg.key)));
+        }
+        if self.remote_blessings.len() >= self.config.max_peer_credentials {
+            return Err(violation("too many blessings"));
+        }
+        let blessings = Blessings::decode(msg.bytes).map_err(|e| violation(e.to_string()))?;
+        let conn_key = self
+            .remote_blessings
+            .get(&CONN_BLESSINGS_KEY)
+            .and_then(|b| b.public_key());
+        if blessings.public_key().is_some() && blessings.public_key() != conn_key {
+            return Err(Error::auth(
+                "peer presented flow blessings for a key other than the connection's",
+            ));
+        }
+        self.remote_blessings.insert(msg.key, blessings);
+        Ok(())
+    }
+
+    fn on_discharges(&mut self, msg: DischargesMsg) -> Result<()> {
+        if self.remote_discharges.contains_key(&msg.key) {
+            return Err(violation(format!("discharges key {} sent twice", msg.key)));
+        }
+        if self.remote_discharges.len() >= self.config.max_peer_credentials {
+            return Err(violation("too many discharges"));
+        }
+        let discharges = Discharges::decode(msg.bytes).map_err(|e| violation(e.to_string()))?;
+        self.remote_discharges.insert(msg.key, discharges);
+        Ok(())
+    }
+
+    fn peer_role_bit(&self) -> u64 {
+        1 - self.role.id_bit()
+    }
+
+    /// Whether `id` names a flow that existed at some point.
+    fn is_past_flow(&self, id: FlowId) -> bool {
+        if id & 1 == self.role.id_bit() {
+            id >> 1 < self.next_local_seq && id >> 1 != 0
+        } else {
+            self.highest_peer_id.is_some_and(|h| id <= h)
+        }
+    }
+
+    fn on_open_flow(&mut self, now: Instant, open: OpenFlow, frame_len: usize) -> Result<()> {
+        let id = open.id;
+        if id & 1 != self.peer_role_bit() || id >> 1 == 0 {
+            return Err(violation(format!(
+                "peer opened flow {id} with one of our ids"
+            )));
+        }
+        if self.highest_peer_id.is_some_and(|h| id <= h) {
+            return Err(violation(format!("flow {id} opened twice or out of order")));
+        }
+        // The peer may race OpenFlows with our EnterLameDuck, but none may
+        // follow its AckLameDuck.
+        if self.local_lame_duck && self.lame_duck_acked {
+            return Err(violation("flow opened after acknowledging lame duck"));
+        }
+        if self.flows.len() >= self.config.max_flows {
+            return Err(violation(format!(
+                "more than {} flows open",
+                self.config.max_flows
+            )));
+        }
+        if self.accept_queue.len() >= self.config.max_pending_accepts {
+            return Err(violation(format!(
+                "more than {} flows waiting to be accepted",
+                self.config.max_pending_accepts
+            )));
+        }
+        let carried = open.payload.len() as u64;
+        if carried > self.config.shared_tokens {
+            return Err(violation(format!(
+                "OpenFlow carried {carried} bytes, more than the {} shared tokens granted",
+                self.config.shared_tokens
+            )));
+        }
+        if !self.remote_blessings.contains_key(&open.blessings_key) {
+            return Err(violation(format!(
+                "flow {id} refers to unknown blessings {}",
+                open.blessings_key
+            )));
+        }
+        if !self.remote_discharges.contains_key(&open.discharge_key) {
+            return Err(violation(format!(
+                "flow {id} refers to unknown discharges {}",
+                open.discharge_key
+            )));
+        }
+        self.highest_peer_id = Some(id);
+        let window =
+            self.budget
+                .open_window(self.config.initial_window, self.config.min_window, carried);
+        let side_channel = open.flags.contains(Flags::SIDE_CHANNEL);
+        let mut entry = FlowEntry {
+            opened: true,
+            alias: None,
+            send_state: SendState::Open,
+            credit: SendCredit::opened_by_peer(open.initial_tokens),
+            send_queue: VecDeque::new(),
+            queued: 0,
+            in_ready: false,
+            recv_state: RecvState::Open,
+            window: RecvWindow::opened_by_peer(window, carried),
+            recv_queue: VecDeque::new(),
+            // The first grant, even of zero bytes, returns the peer's
+            // borrowed shared tokens.
+            pending_release: Some(window - carried),
+            discarding: false,
+            handle_alive: false,
+            side_channel,
+            whole_messages: false,
+            passthrough: false,
+            local_blessings_key: CONN_BLESSINGS_KEY,
+            local_discharge_key: CONN_BLESSINGS_KEY,
+            remote_blessings_key: open.blessings_key,
+            remote_discharge_key: open.discharge_key,
+            read_waker: None,
+            write_waker: None,
+            closed_wakers: Vec::new(),
+        };
+        if carried > 0 {
+            self.last_used = now;
+            self.stats.bytes_received += carried;
+            entry.recv_queue.push_back(detach(open.payload, frame_len));
+        }
+        if open.flags.contains(Flags::CLOSE) {
+            entry.recv_state = RecvState::PeerClosed;
+        }
+        self.flows.insert(id, entry);
+        if !side_channel {
+            self.busy_flows += 1;
+        }
+        self.stats.flows_opened += 1;
+        self.release_queue.push_back(id);
+        self.accept_queue.push_back(id);
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        wake_opt(&mut self.writer_waker);
+        Ok(())
+    }
+
+    fn on_data(
+        &mut self,
+        now: Instant,
+        id: FlowId,
+        flags: Flags,
+        payload: Bytes,
+        frame_len: usize,
+    ) -> Result<()> {
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return Err(if self.is_past_flow(id) {
+                violation(format!("data for flow {id} after it closed"))
+            } else {
+                violation(format!("data for unknown flow {id}"))
+            });
+        };
+        if entry.recv_state == RecvState::PeerClosed {
+            return Err(violation(format!("data for flow {id} after its CLOSE")));
+        }
+        let n = payload.len() as u64;
+        if let Err(e) = entry.window.on_data(n) {
+            return Err(violation(format!(
+                "flow {id} sent {} bytes with {} bytes of credit",
+                e.sent, e.credit
+            )));
+        }
+        self.stats.bytes_received += n;
+        if n > 0 {
+            self.last_used = now;
+        }
+        if entry.discarding {
+            let release = entry.window.discard();
+            if release > 0 {
+                queue_release(&mut self.release_queue, id, entry, release);
+            }
+        } else if n > 0 {
+            entry.recv_queue.push_back(detach(payload, frame_len));
+        }
+        if flags.contains(Flags::CLOSE) {
+            entry.recv_state = RecvState::PeerClosed;
+        }
+        if let Some(w) = entry.read_waker.take() {
+            w.wake();
+        }
+        if !self.release_queue.is_empty() {
+            wake_opt(&mut self.writer_waker);
+        }
+        self.maybe_reap(id);
+        Ok(())
+    }
+
+    fn on_release(&mut self, release: ReleaseMsg) -> Result<()> {
+        for Release { flow_id, tokens } in release.releases {
+            let past = self.is_past_flow(flow_id);
+            match self.flows.get_mut(&flow_id) {
+                Some(entry) => {
+                    entry.credit.on_release(tokens, &mut self.pool);
+                    if let Some(w) = entry.write_waker.take() {
+                        w.wake();
+                    }
+                }
+                None if past => {}
+                None => return Err(violation(format!("release for unknown flow {flow_id}"))),
+            }
+        }
+        // Returned shared tokens may unblock first writes on other flows.
+        for entry in self.flows.values_mut() {
+            if !entry.opened
+                && let Some(w) = entry.write_waker.take()
+            {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    // ----- Sending --------------------------------------------------------
+
+    /// Writes the next frame's plaintext into `buf` (which must be empty).
+    /// Returns `None` when there is nothing to send.
+    pub fn build_frame(&mut self, now: Instant, buf: &mut BytesMut) -> Option<BuiltFrame> {
+        debug_assert!(buf.is_empty());
+        if self.lifecycle == Lifecycle::Closed {
+            return None;
+        }
+        let max = self.max_frame;
+        if self.lifecycle == Lifecycle::Closing {
+            while let Some(msg) = self.control.pop_front() {
+                msg.encode(buf);
+                self.stats.messages_sent += 1;
+            }
+            self.lifecycle = Lifecycle::Closed;
+            return self.finish_frame(buf, None);
+        }
+        // Control messages first.
+        while let Some(msg) = self.control.front() {
+            if !buf.is_empty() && buf.len() + msg.encoded_len() > max {
+                break;
+            }
+            if let Some(msg) = self.control.pop_front() {
+                msg.encode(buf);
+                self.stats.messages_sent += 1;
+            }
+        }
+        if self.health_response_due && buf.len() < max {
+            self.health_response_due = false;
+            Message::HealthCheckResponse.encode(buf);
+            self.stats.messages_sent += 1;
+        }
+        self.emit_releases(buf, max / 2);
+        // Then data, one slice per ready flow in turn.
+        let mut clear_from = None;
+        while buf.len() + MAX_DATA_HEADER < max {
+            let Some(mut id) = self.ready.pop_front() else {
+                break;
+            };
+            if id & PROVISIONAL != 0 {
+                match self.assign_wire_id(id) {
+                    Some(wire) => id = wire,
+                    None => continue,
+                }
+            }
+            let Some(entry) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            match emit_flow(id, entry, buf, max, self.config.send_slice, &mut self.stats) {
+                Emitted::Nothing => {
+                    // Did not fit: it goes first in the next frame.
+                    self.ready.push_front(id);
+                    break;
+                }
+                Emitted::Some { passthrough_at } => {
+                    if passthrough_at.is_some() {
+                        clear_from = passthrough_at;
+                    }
+                }
+            }
+            self.last_used = now;
+            if entry.is_sendable() {
+                self.ready.push_back(id);
+            } else {
+                entry.in_ready = false;
+            }
+            if let Some(w) = entry.write_waker.take() {
+                w.wake();
+            }
+            self.maybe_reap(id);
+            if clear_from.is_some() {
+                break;
+            }
+        }
+        if self.lame_duck_ack_due
+            && buf.len() + 1 <= max
+            && clear_from.is_none()
+            && !self.flows.values().any(|e| !e.opened && e.in_ready)
+        {
+            self.lame_duck_ack_due = false;
+            self.lame_duck_ack_sent = true;
+            Message::AckLameDuck.encode(buf);
+            self.stats.messages_sent += 1;
+        }
+        self.finish_frame(buf, clear_from)
+    }
+
+    /// Gives the unopened flow `provisional` its wire id, about to go out in
+    /// an `OpenFlow`.
+    fn assign_wire_id(&mut self, provisional: FlowId) -> Option<FlowId> {
+        let mut entry = self.flows.remove(&provisional)?;
+        let wire = (self.next_local_seq << 1) | self.role.id_bit();
+        self.next_local_seq += 1;
+        entry.alias = Some(provisional);
+        self.flows.insert(wire, entry);
+        self.aliases.insert(provisional, wire);
+        Some(wire)
+    }
+
+    /// The id under which flow `id` (as its handle knows it) is stored.
+    fn resolve(&self, id: FlowId) -> FlowId {
+        if id & PROVISIONAL == 0 {
+            return id;
+        }
+        self.aliases.get(&id).copied().unwrap_or(id)
+    }
+
+    /// The wire id of flow `id` (as its handle knows it), once it has one.
+    pub fn wire_id(&self, id: FlowId) -> Option<FlowId> {
+        let id = self.resolve(id);
+        (id & PROVISIONAL == 0).then_some(id)
+    }
+
+    fn finish_frame(&mut self, buf: &BytesMut, clear_from: Option<usize>) -> Option<BuiltFrame> {
+        if buf.is_empty() {
+            return None;
+        }
+        self.stats.frames_sent += 1;
+        Some(BuiltFrame {
+            encrypted_len: clear_from.unwrap_or(buf.len()),
+        })
+    }
+
+    fn emit_releases(&mut self, buf: &mut BytesMut, limit: usize) {
+        if self.release_queue.is_empty() && self.orphan_releases.is_empty() {
+            return;
+        }
+        let mut releases = std::mem::take(&mut self.orphan_releases);
+        // Type byte and count, then at most 18 bytes per entry.
+        let mut size = 1 + 9 + 18 * releases.len();
+        while let Some(&id) = self.release_queue.front() {
+            if size + 18 > limit.saturating_sub(buf.len()) && !releases.is_empty() {
+                break;
+            }
+            self.release_queue.pop_front();
+            if let Some(tokens) = self
+                .flows
+                .get_mut(&id)
+                .and_then(|e| e.pending_release.take())
+            {
+                releases.push(Release {
+                    flow_id: id,
+                    tokens,
+                });
+                size += 18;
+            }
+        }
+        if !releases.is_empty() {
+            Message::Release(ReleaseMsg { releases }).encode(buf);
+            self.stats.messages_sent += 1;
+        }
+    }
+
+    fn maybe_reap(&mut self, id: FlowId) {
+        if !self.flows.get(&id).is_some_and(FlowEntry::is_finished) {
+            return;
+        }
+        if let Some(mut entry) = self.flows.remove(&id) {
+            if let Some(alias) = entry.alias {
+                self.aliases.remove(&alias);
+            }
+            if let Some(tokens) = entry.pending_release.take()
+                && self.lifecycle == Lifecycle::Open
+            {
+                self.orphan_releases.push(Release {
+                    flow_id: id,
+                    tokens,
+                });
+            }
+            self.budget.refund(entry.window.window());
+            entry.credit.forfeit(&mut self.pool);
+            if !entry.side_channel {
+                self.busy_flows -= 1;
+                if self.busy_flows == 0 {
+                    self.wake_conn();
+                }
+            }
+            self.stats.flows_closed += 1;
+            entry.wake_all();
+        }
+    }
+
+    // ----- Flow operations (called by flow handles) ------------------------
+
+    /// Opens a flow from this side. Nothing is sent until the first write
+    /// (or flush).
+    pub fn open_flow(&mut self, opts: FlowOptions) -> Result<FlowId> {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        if self.peer_lame_duck {
+            return Err(Error::bad_state(
+                "connection is in lame duck: the peer asked for no new flows",
+            ));
+        }
+        if self.local_lame_duck {
+            return Err(Error::bad_state("connection is closing (lame duck)"));
+        }
+        if self.flows.len() >= self.config.max_flows {
+            return Err(Error::bad_state(format!(
+                "connection has {} flows open, its limit",
+                self.config.max_flows
+            )));
+        }
+        let id = PROVISIONAL | self.next_provisional;
+        self.next_provisional += 1;
+        let (local_blessings_key, local_discharge_key) = match opts.blessings {
+            None => (CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY),
+            Some((b, d)) => self.credential_keys(b, d)?,
+        };
+        let window = self
+            .budget
+            .open_window(self.config.initial_window, self.config.min_window, 0);
+        let entry = FlowEntry {
+            opened: false,
+            alias: None,
+            send_state: SendState::Open,
+            credit: SendCredit::opened_locally(),
+            send_queue: VecDeque::new(),
+            queued: 0,
+            in_ready: false,
+            recv_state: RecvState::Open,
+            window: RecvWindow::new(window),
+            recv_queue: VecDeque::new(),
+            pending_release: None,
+            discarding: false,
+            handle_alive: true,
+            side_channel: opts.side_channel,
+            whole_messages: false,
+            passthrough: false,
+            local_blessings_key,
+            local_discharge_key,
+            remote_blessings_key: CONN_BLESSINGS_KEY,
+            remote_discharge_key: CONN_BLESSINGS_KEY,
+            read_waker: None,
+            write_waker: None,
+            closed_wakers: Vec::new(),
+        };
+        self.flows.insert(id, entry);
+        if !opts.side_channel {
+            self.busy_flows += 1;
+        }
+        self.stats.flows_opened += 1;
+        Ok(id)
+    }
+
+    fn credential_keys(
+        &mut self,
+        blessings: Blessings,
+        discharges: Discharges,
+    ) -> Result<(u64, u64)> {
+        let conn_key = self.local_blessings[0].0.public_key();
+        if blessings.public_key().is_some() && blessings.public_key() != conn_key {
+            return Err(Error::bad_arg(
+                "flow blessings must be for the connection's public key",
+            ));
+        }
+        let bkey = match self.local_blessings.iter().find(|(b, _)| *b == blessings) {
+            Some((_, key)) => *key,
+            None => {
+                let key = self.local_blessings.len() as u64 + 1;
+                self.control.push_back(Message::Blessings(BlessingsMsg {
+                    key,
+                    bytes: blessings.to_bytes(),
+                }));
+                self.local_blessings.push((blessings, key));
+                key
+            }
+        };
+        let dkey = if discharges.is_empty() {
+            NO_DISCHARGES_KEY
+        } else {
+            match self.local_discharges.iter().find(|(d, _)| *d == discharges) {
+                Some((_, key)) => *key,
+                None => {
+                    let key = self.local_discharges.len() as u64 + 1;
+                    self.control.push_back(Message::Discharges(DischargesMsg {
+                        key,
+                        blessings_key: bkey,
+                        bytes: discharges.to_bytes(),
+                    }));
+                    self.local_discharges.push((discharges, key));
+                    key
+                }
+            }
+        };
+        Ok((bkey, dkey))
+    }
+
+    /// The next flow the peer opened.
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Result<FlowId>> {
+        while let Some(id) = self.accept_queue.pop_front() {
+            if let Some(entry) = self.flows.get_mut(&id) {
+                entry.handle_alive = true;
+                return Poll::Ready(Ok(id));
+            }
+        }
+        if let Some(err) = &self.error {
+            return Poll::Ready(Err(err.clone()));
+        }
+        self.accept_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn entry(&mut self, id: FlowId) -> Result<&mut FlowEntry> {
+        self.flows
+            .get_mut(&id)
+            .ok_or_else(|| Error::bad_state(format!("flow {id} is closed")))
+    }
+
+    /// Makes every write of the flow go out as exactly one `Data` message
+    /// (for carrying frames of another connection).
+    pub fn disable_fragmentation(&mut self, id: FlowId) -> Result<()> {
+        let id = self.resolve(id);
+        self.entry(id)?.whole_messages = true;
+        Ok(())
+    }
+
+    /// Sends the flow's payloads unencrypted (they are already end-to-end
+    /// encrypted); implies whole messages.
+    pub fn set_passthrough(&mut self, id: FlowId) -> Result<()> {
+        let id = self.resolve(id);
+        let entry = self.entry(id)?;
+        entry.whole_messages = true;
+        entry.passthrough = true;
+        Ok(())
+    }
+
+    /// The largest single message [`ConnState::poll_write`] accepts with
+    /// fragmentation disabled.
+    pub fn max_message(&self) -> usize {
+        // Half a frame, so it fits beside the control messages that go first.
+        self.max_frame / 2 - MAX_OPEN_FLOW_HEADER
+    }
+
+    /// The remote blessings presented on flow `id`.
+    pub fn flow_remote_credentials(&self, id: FlowId) -> (Blessings, Discharges) {
+        let id = self.resolve(id);
+        let (bkey, dkey) = self
+            .flows
+            .get(&id)
+            .map_or((CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY), |e| {
+                (e.remote_blessings_key, e.remote_discharge_key)
+            });
+        (
+            self.remote_blessings
+                .get(&bkey)
+                .cloned()
+                .unwrap_or_else(Blessings::empty),
+            self.remote_discharges
+                .get(&dkey)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The local blessings presented on flow `id`.
+    pub fn flow_local_credentials(&self, id: FlowId) -> (Blessings, Discharges) {
+        let id = self.resolve(id);
+        let (bkey, dkey) = self
+            .flows
+            .get(&id)
+            .map_or((CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY), |e| {
+                (e.local_blessings_key, e.local_discharge_key)
+            });
+        let blessings = self
+            .local_blessings
+            .iter()
+            .find(|(_, k)| *k == bkey)
+            .map(|(b, _)| b.clone())
+            .unwrap_or_else(Blessings::empty);
+        let discharges = self
+            .local_discharges
+            .iter()
+            .find(|(_, k)| *k == dkey)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_default();
+        (blessings, discharges)
+    }
+
+    /// Whether flow `id` is a side channel.
+    pub fn is_side_channel(&self, id: FlowId) -> bool {
+        let id = self.resolve(id);
+        self.flows.get(&id).is_some_and(|e| e.side_channel)
+    }
+
+    /// Reads the next chunk of at most `max` bytes from flow `id`;
+    /// `Ok(None)` at the end of the flow.
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        id: FlowId,
+        max: usize,
+    ) -> Poll<Result<Option<Bytes>>> {
+        let id = self.resolve(id);
+        let rtt = self.rtt;
+        let max_window = self.config.max_window;
+        let error = self.error.clone();
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return Poll::Ready(Ok(None));
+        };
+        if let Some(front) = entry.recv_queue.front_mut() {
+            let chunk = if front.len() <= max {
+                entry.recv_queue.pop_front().unwrap_or_default()
+            } else {
+                front.split_to(max)
+            };
+            if error.is_none()
+                && let Some(release) = entry.window.on_consumed(
+                    chunk.len() as u64,
+                    now,
+                    rtt,
+                    max_window,
+                    &mut self.budget,
+                )
+            {
+                queue_release(&mut self.release_queue, id, entry, release);
+                wake_opt(&mut self.writer_waker);
+            }
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        if entry.recv_state == RecvState::PeerClosed || entry.discarding {
+            self.maybe_reap(id);
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(err) = error {
+            return Poll::Ready(Err(err));
+        }
+        entry.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Queues bytes of `bufs` on flow `id`, as many as credit allows right
+    /// now (all or nothing, and at most one message, when fragmentation is
+    /// disabled). Returns the number of bytes taken.
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: FlowId,
+        bufs: &[&[u8]],
+    ) -> Poll<Result<usize>> {
+        let id = self.resolve(id);
+        if let Some(err) = &self.error {
+            return Poll::Ready(Err(err.clone()));
+        }
+        let max_message = self.max_message();
+        let lame_duck_ack_sent = self.lame_duck_ack_sent;
+        let entry = match self.flows.get_mut(&id) {
+            Some(e) => e,
+            None => return Poll::Ready(Err(Error::bad_state(format!("flow {id} is closed")))),
+        };
+        if entry.send_state != SendState::Open || entry.discarding {
+            return Poll::Ready(Err(Error::bad_state("write on a flow closed for writing")));
+        }
+        if !entry.opened && lame_duck_ack_sent && !entry.in_ready {
+            return Poll::Ready(Err(Error::bad_state(
+                "connection is in lame duck: the peer asked for no new flows",
+            )));
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            schedule(&mut self.ready, id, entry);
+            wake_opt(&mut self.writer_waker);
+            return Poll::Ready(Ok(0));
+        }
+        if entry.whole_messages && total > max_message {
+            return Poll::Ready(Err(Error::bad_arg(format!(
+                "message of {total} bytes is larger than the {max_message} bytes a frame carries"
+            ))));
+        }
+        // Before the OpenFlow goes out, bytes are borrowed from the shared
+        // tokens and ride inside it: at most one message's worth.
+        let can_borrow = !entry.opened && !(entry.whole_messages && !entry.send_queue.is_empty());
+        let have = if entry.credit.is_granted() {
+            entry.credit.credit()
+        } else if can_borrow {
+            self.pool
+                .available()
+                .min((max_message as u64).saturating_sub(entry.credit.borrowed()))
+        } else {
+            0
+        };
+        let n = if entry.whole_messages {
+            if have < total as u64 { 0 } else { total }
+        } else {
+            (have as usize).min(total)
+        };
+        if n == 0 {
+            // Send the OpenFlow (empty if need be) to earn the flow's credit.
+            schedule(&mut self.ready, id, entry);
+            wake_opt(&mut self.writer_waker);
+            entry.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let taken = entry
+            .credit
+            .take(n as u64, &mut self.pool, can_borrow, max_message as u64);
+        debug_assert_eq!(taken, n as u64);
+        let chunk = gather(bufs, n);
+        entry.queued += n as u64;
+        entry.send_queue.push_back(chunk);
+        schedule(&mut self.ready, id, entry);
+        wake_opt(&mut self.writer_waker);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Resolves once everything written on flow `id` is in a frame (and the
+    /// flow is open on the wire).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>, id: FlowId) -> Poll<Result<()>> {
+        let id = self.resolve(id);
+        let error = self.error.clone();
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return Poll::Ready(Ok(()));
+        };
+        let pending =
+            !entry.opened || entry.send_state == SendState::Closing || !entry.send_queue.is_empty();
+        if !pending {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(err) = error {
+            return Poll::Ready(Err(err));
+        }
+        schedule(&mut self.ready, id, entry);
+        wake_opt(&mut self.writer_waker);
+        entry.write_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Half-closes flow `id`: after what was written, the peer reads the end
+    /// of the flow. Reading goes on.
+    pub fn close_write(&mut self, id: FlowId) {
+        let id = self.resolve(id);
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if entry.send_state == SendState::Open {
+            entry.send_state = SendState::Closing;
+            schedule(&mut self.ready, id, entry);
+            wake_opt(&mut self.writer_waker);
+        }
+    }
+
+    /// Closes flow `id` fully: writes end as with [`ConnState::close_write`],
+    /// bytes not yet read are dropped, and later ones thrown away.
+    pub fn close_flow(&mut self, id: FlowId) {
+        let id = self.resolve(id);
+        self.close_write(id);
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if !entry.discarding {
+            entry.discarding = true;
+            entry.recv_queue.clear();
+            let release = entry.window.discard();
+            if release > 0 && self.lifecycle == Lifecycle::Open {
+                queue_release(&mut self.release_queue, id, entry, release);
+                wake_opt(&mut self.writer_waker);
+            }
+            entry.wake_all();
+        }
+        self.maybe_reap(id);
+    }
+
+    /// Every handle of flow `id` is gone: close it fully and forget it once
+    /// both directions are done.
+    pub fn drop_flow(&mut self, id: FlowId) {
+        let id = self.resolve(id);
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return;
+        };
+        entry.handle_alive = false;
+        if !entry.opened && entry.send_queue.is_empty() {
+            // Never seen by the peer: nothing to send.
+            entry.send_state = SendState::Closed;
+            entry.discarding = true;
+            entry.recv_state = RecvState::PeerClosed;
+            if let Some(pos) = self.ready.iter().position(|&r| r == id) {
+                self.ready.remove(pos);
+            }
+        }
+        self.close_flow(id);
+        self.maybe_reap(id);
+    }
+
+    /// Resolves once flow `id` is closed in both directions, or the
+    /// connection closed.
+    pub fn poll_flow_closed(&mut self, cx: &mut Context<'_>, id: FlowId) -> Poll<()> {
+        let id = self.resolve(id);
+        if self.error.is_some() {
+            return Poll::Ready(());
+        }
+        match self.flows.get_mut(&id) {
+            None => Poll::Ready(()),
+            Some(entry) => {
+                let write_done = entry.send_state == SendState::Closed;
+                let read_done = entry.recv_state == RecvState::PeerClosed || entry.discarding;
+                if write_done && read_done {
+                    return Poll::Ready(());
+                }
+                push_waker(&mut entry.closed_wakers, cx);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A payload small against its frame is copied so it does not keep the whole
+/// frame alive.
+fn detach(payload: Bytes, frame_len: usize) -> Bytes {
+    if frame_len > 4096 && payload.len() * COPY_RATIO < frame_len {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
+}
+
+fn queue_release(queue: &mut VecDeque<FlowId>, id: FlowId, entry: &mut FlowEntry, tokens: u64) {
+    match &mut entry.pending_release {
+        Some(pending) => *pending += tokens,
+        None => {
+            entry.pending_release = Some(tokens);
+            queue.push_back(id);
+        }
+    }
+}
+
+fn schedule(ready: &mut VecDeque<FlowId>, id: FlowId, entry: &mut FlowEntry) {
+    if !entry.in_ready && entry.is_sendable() {
+        entry.in_ready = true;
+        ready.push_back(id);
+    }
+}
+
+fn gather(bufs: &[&[u8]], n: usize) -> Bytes {
+    if let [first, ..] = bufs
+        && first.len() >= n
+    {
+        return Bytes::copy_from_slice(&first[..n]);
+    }
+    let mut out = BytesMut::with_capacity(n);
+    for b in bufs {
+        let take = (n - out.len()).min(b.len());
+        out.put_slice(&b[..take]);
+        if out.len() == n {
+            break;
+        }
+    }
+    out.freeze()
+}
+
+enum Emitted {
+    Nothing,
+    Some { passthrough_at: Option<usize> },
+}
+
+/// Writes one slice of flow `id` into `buf` (an `OpenFlow` first if the
+/// flow is not open on the wire).
+fn emit_flow(
+    id: FlowId,
+    entry: &mut FlowEntry,
+    buf: &mut BytesMut,
+    max: usize,
+    slice: usize,
+    stats: &mut ConnStats,
+) -> Emitted {
+    let room = max - buf.len();
+    if !entry.opened {
+        // Everything queued so far was paid from shared tokens and must ride
+        // inside the OpenFlow.
+        let payload_len = entry.queued as usize;
+        let mut flags = Flags::NONE;
+        if entry.side_channel {
+            flags = flags | Flags::SIDE_CHANNEL;
+        }
+        let closing = entry.send_state == SendState::Closing;
+        if closing {
+            flags = flags | Flags::CLOSE;
+        }
+        let open = OpenFlow {
+            id,
+            initial_tokens: entry.window.outstanding(),
+            blessings_key: entry.local_blessings_key,
+            discharge_key: entry.local_discharge_key,
+            flags,
+            payload: Bytes::new(),
+        };
+        if open.header_len(payload_len) + payload_len > room {
+            return Emitted::Nothing;
+        }
+        open.encode_header(payload_len, buf);
+        for chunk in entry.send_queue.drain(..) {
+            buf.put_slice(&chunk);
+        }
+        entry.queued = 0;
+        entry.opened = true;
+        if closing {
+            entry.send_state = SendState::Closed;
+        }
+        stats.messages_sent += 1;
+        stats.bytes_sent += payload_len as u64;
+        return Emitted::Some {
+            passthrough_at: None,
+        };
+    }
+    let closing = entry.send_state == SendState::Closing;
+    if entry.whole_messages {
+        let Some(msg) = entry.send_queue.front() else {
+            // Only the CLOSE is left.
+            return emit_close(id, entry, buf, room, stats);
+        };
+        let len = msg.len();
+        let last = entry.send_queue.len() == 1;
+        let mut flags = if entry.passthrough {
+            Flags::PASSTHROUGH
+        } else {
+            Flags::NONE
+        };
+        if closing && last {
+            flags = flags | Flags::CLOSE;
+        }
+        let header = Data::header_len(id, flags, len);
+        if header + len > room {
+            return Emitted::Nothing;
+        }
+        let Some(msg) = entry.send_queue.pop_front() else {
+            return Emitted::Nothing;
+        };
+        Data::encode_header(id, flags, len, buf);
+        let passthrough_at = entry.passthrough.then_some(buf.len());
+        buf.put_slice(&msg);
+        entry.queued -= len as u64;
+        if flags.contains(Flags::CLOSE) {
+            entry.send_state = SendState::Closed;
+        }
+        stats.messages_sent += 1;
+        stats.bytes_sent += len as u64;
+        return Emitted::Some { passthrough_at };
+    }
+    if entry.send_queue.is_empty() {
+        return emit_close(id, entry, buf, room, stats);
+    }
+    let take = (entry.queued as usize)
+        .min(slice)
+        .min(room - MAX_DATA_HEADER);
+    if take == 0 {
+        return Emitted::Nothing;
+    }
+    let last = take as u64 == entry.queued;
+    let flags = if closing && last {
+        Flags::CLOSE
+    } else {
+        Flags::NONE
+    };
+    Data::encode_header(id, flags, take, buf);
+    let mut left = take;
+    while left > 0 {
+        let Some(front) = entry.send_queue.front_mut() else {
+            break;
+        };
+        if front.len() <= left {
+            left -= front.len();
+            buf.put_slice(front);
+            entry.send_queue.pop_front();
+        } else {
+            buf.put_slice(&front.split_to(left));
+            left = 0;
+        }
+    }
+    entry.queued -= take as u64;
+    if flags.contains(Flags::CLOSE) {
+        entry.send_state = SendState::Closed;
+    }
+    stats.messages_sent += 1;
+    stats.bytes_sent += take as u64;
+    Emitted::Some {
+        passthrough_at: None,
+    }
+}
+
+fn emit_close(
+    id: FlowId,
+    entry: &mut FlowEntry,
+    buf: &mut BytesMut,
+    room: usize,
+    stats: &mut ConnStats,
+) -> Emitted {
+    if entry.send_state != SendState::Closing {
+        return Emitted::Some {
+            passthrough_at: None,
+        };
+    }
+    if Data::header_len(id, Flags::CLOSE, 0) > room {
+        return Emitted::Nothing;
+    }
+    Data::encode_header(id, Flags::CLOSE, 0, buf);
+    entry.send_state = SendState::Closed;
+    stats.messages_sent += 1;
+    Emitted::Some {
+        passthrough_at: None,
+    }
+}

@@ -1,0 +1,793 @@
+//! Two multiplexers wired back to back with simulated time: deterministic
+//! tests of every flow lifecycle, flow control, lame duck, health checks,
+//! teardown and hostile input.
+
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flow_message::{Data, Flags, Message, OpenFlow, Release, ReleaseMsg};
+use proptest::prelude::*;
+
+use super::config::ConnConfig;
+use super::state::*;
+use crate::ErrorKind;
+use crate::security::{Blessings, Discharges};
+
+fn established(role: Role) -> Established {
+    Established {
+        role,
+        version: 1,
+        max_frame: 16 * 1024,
+        peer_shared_tokens: ConnConfig::default().shared_tokens,
+        rtt: Duration::from_millis(1),
+        local_blessings: Blessings::empty(),
+        local_discharges: Discharges::new(),
+        remote_blessings: Blessings::empty(),
+        remote_discharges: Discharges::new(),
+    }
+}
+
+fn cx() -> Context<'static> {
+    Context::from_waker(Waker::noop())
+}
+
+struct Pair {
+    a: ConnState,
+    b: ConnState,
+    now: Instant,
+    /// Frames delivered, for tests that count them.
+    frames: usize,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Pair::with_config(ConnConfig::default())
+    }
+
+    fn with_config(config: ConnConfig) -> Self {
+        let now = Instant::now();
+        let mut b_est = established(Role::Acceptor);
+        b_est.peer_shared_tokens = config.shared_tokens;
+        let mut a_est = established(Role::Dialer);
+        a_est.peer_shared_tokens = config.shared_tokens;
+        Pair {
+            a: ConnState::new(config.clone(), a_est, now),
+            b: ConnState::new(config, b_est, now),
+            now,
+            frames: 0,
+        }
+    }
+
+    /// Moves frames both ways until both sides are quiet.
+    fn pump(&mut self) {
+        for _ in 0..100_000 {
+            let moved_a = transfer(&mut self.a, &mut self.b, self.now);
+            let moved_b = transfer(&mut self.b, &mut self.a, self.now);
+            self.frames += moved_a + moved_b;
+            if moved_a + moved_b == 0 {
+                return;
+            }
+        }
+        panic!("connection never went quiet");
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+    }
+}
+
+/// Sends every frame `from` has to `to`; returns how many.
+fn transfer(from: &mut ConnState, to: &mut ConnState, now: Instant) -> usize {
+    let mut count = 0;
+    loop {
+        let mut buf = BytesMut::new();
+        let Some(built) = from.build_frame(now, &mut buf) else {
+            return count;
+        };
+        count += 1;
+        let _ = to.handle_frame(now, buf.freeze(), built.encrypted_len);
+    }
+}
+
+fn write_all(conn: &mut ConnState, id: FlowId, data: &[u8]) -> usize {
+    match conn.poll_write(&mut cx(), id, &[data]) {
+        Poll::Ready(Ok(n)) => n,
+        Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+        Poll::Pending => 0,
+    }
+}
+
+fn read_all(conn: &mut ConnState, id: FlowId) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    loop {
+        match conn.poll_read(&mut cx(), Instant::now(), id, usize::MAX) {
+            Poll::Ready(Ok(Some(b))) => out.extend_from_slice(&b),
+            Poll::Ready(Ok(None)) => return (out, true),
+            Poll::Ready(Err(e)) => panic!("read failed: {e}"),
+            Poll::Pending => return (out, false),
+        }
+    }
+}
+
+fn accept(conn: &mut ConnState) -> Option<FlowId> {
+    match conn.poll_accept(&mut cx()) {
+        Poll::Ready(Ok(id)) => Some(id),
+        Poll::Ready(Err(e)) => panic!("accept failed: {e}"),
+        Poll::Pending => None,
+    }
+}
+
+#[test]
+fn first_bytes_ride_in_open_flow_and_arrive_in_one_frame() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    assert_eq!(write_all(&mut p.a, f, b"hello"), 5);
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    let msgs = flow_message::decode_frame(buf.clone().freeze()).unwrap();
+    assert!(matches!(&msgs[..], [Message::OpenFlow(o)] if &o.payload[..] == b"hello"));
+    p.b.handle_frame(p.now, buf.freeze(), built.encrypted_len)
+        .unwrap();
+    let g = accept(&mut p.b).unwrap();
+    assert_eq!(Some(g), p.a.wire_id(f));
+    assert_eq!(read_all(&mut p.b, g), (b"hello".to_vec(), false));
+}
+
+#[test]
+fn bidirectional_flows_from_both_sides() {
+    let mut p = Pair::new();
+    let fa = p.a.open_flow(FlowOptions::default()).unwrap();
+    let fb = p.b.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, fa, b"from a");
+    write_all(&mut p.b, fb, b"from b");
+    p.pump();
+    // Each side numbers its flows with its own parity.
+    assert_ne!(p.a.wire_id(fa), p.b.wire_id(fb));
+    let ga = accept(&mut p.b).unwrap();
+    let gb = accept(&mut p.a).unwrap();
+    assert_eq!(read_all(&mut p.b, ga).0, b"from a");
+    assert_eq!(read_all(&mut p.a, gb).0, b"from b");
+    // Replies on the accepted flows.
+    write_all(&mut p.b, ga, b"reply to a");
+    p.pump();
+    assert_eq!(read_all(&mut p.a, fa).0, b"reply to a");
+}
+
+#[test]
+fn half_close_then_reply_then_close() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"request");
+    p.a.close_write(f);
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    assert_eq!(read_all(&mut p.b, g), (b"request".to_vec(), true));
+    write_all(&mut p.b, g, b"response");
+    p.b.close_write(g);
+    p.pump();
+    assert_eq!(read_all(&mut p.a, f), (b"response".to_vec(), true));
+    assert!(p.a.poll_write(&mut cx(), f, &[b"x"]).is_ready());
+    p.a.drop_flow(f);
+    p.b.drop_flow(g);
+    p.pump();
+    assert_eq!(p.a.flow_count(), 0);
+    assert_eq!(p.b.flow_count(), 0);
+    assert!(p.a.is_idle() && p.b.is_idle());
+}
+
+#[test]
+fn close_in_every_order_forgets_flows_on_both_sides() {
+    // Which side closes first, whether the reader drained, and whether
+    // handles drop before or after the peer's close.
+    for order in 0..8u8 {
+        let mut p = Pair::new();
+        let f = p.a.open_flow(FlowOptions::default()).unwrap();
+        write_all(&mut p.a, f, b"ping");
+        p.pump();
+        let g = accept(&mut p.b).unwrap();
+        if order & 1 == 0 {
+            read_all(&mut p.b, g);
+        }
+        let (first, first_id, second, second_id) = if order & 2 == 0 {
+            (&mut p.a, f, &mut p.b, g)
+        } else {
+            (&mut p.b, g, &mut p.a, f)
+        };
+        if order & 4 == 0 {
+            first.drop_flow(first_id);
+            second.drop_flow(second_id);
+        } else {
+            first.close_flow(first_id);
+            second.close_write(second_id);
+            first.drop_flow(first_id);
+            second.drop_flow(second_id);
+        }
+        p.pump();
+        assert_eq!(p.a.flow_count(), 0, "order {order}");
+        assert_eq!(p.b.flow_count(), 0, "order {order}");
+        assert_eq!(p.a.window_total(), 0, "order {order}");
+        assert_eq!(p.b.window_total(), 0, "order {order}");
+    }
+}
+
+#[test]
+fn dropped_unwritten_flow_sends_nothing() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.drop_flow(f);
+    assert!(!p.a.wants_to_send());
+    assert_eq!(p.a.flow_count(), 0);
+}
+
+#[test]
+fn flush_opens_an_empty_flow() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    assert!(p.a.poll_flush(&mut cx(), f).is_pending());
+    p.pump();
+    assert!(p.a.poll_flush(&mut cx(), f).is_ready());
+    assert!(accept(&mut p.b).is_some());
+}
+
+#[test]
+fn slow_reader_stops_sender_at_the_window() {
+    let mut p = Pair::new();
+    let window = ConnConfig::default().initial_window as usize;
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    let chunk = vec![7u8; 4096];
+    let mut sent = 0;
+    for _ in 0..1000 {
+        let n = write_all(&mut p.a, f, &chunk);
+        sent += n;
+        p.pump();
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(sent, window, "sender stopped exactly at the window");
+    let g = accept(&mut p.b).unwrap();
+    let (got, _) = read_all(&mut p.b, g);
+    assert_eq!(got.len(), window);
+    p.pump();
+    // Reading released credit: the writer may go on.
+    assert!(write_all(&mut p.a, f, &chunk) > 0);
+}
+
+#[test]
+fn a_slow_flow_does_not_stall_another() {
+    let mut p = Pair::new();
+    let slow = p.a.open_flow(FlowOptions::default()).unwrap();
+    let fast = p.a.open_flow(FlowOptions::default()).unwrap();
+    let chunk = vec![1u8; 8192];
+    while write_all(&mut p.a, slow, &chunk) > 0 {
+        p.pump();
+    }
+    let mut got = 0;
+    let mut sent = 0;
+    let mut fast_in = None;
+    for _ in 0..200 {
+        sent += write_all(&mut p.a, fast, &chunk);
+        p.pump();
+        while let Some(id) = accept(&mut p.b) {
+            if Some(id) == p.a.wire_id(fast) {
+                fast_in = Some(id);
+            }
+        }
+        if let Some(id) = fast_in {
+            got += read_all(&mut p.b, id).0.len();
+        }
+    }
+    assert!(sent > 190 * 8192, "the fast flow kept writing");
+    assert_eq!(got, sent);
+}
+
+#[test]
+fn shared_tokens_return_after_first_grant() {
+    let mut config = ConnConfig::default();
+    config.shared_tokens = 1000;
+    let mut p = Pair::with_config(config);
+    let f1 = p.a.open_flow(FlowOptions::default()).unwrap();
+    assert_eq!(write_all(&mut p.a, f1, &[0u8; 5000]), 1000);
+    let f2 = p.a.open_flow(FlowOptions::default()).unwrap();
+    // The pool is spent until the first grant comes back.
+    assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 0);
+    p.pump();
+    assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 10);
+    p.pump();
+    assert_eq!(accept(&mut p.b), p.a.wire_id(f1));
+    assert_eq!(accept(&mut p.b), p.a.wire_id(f2));
+}
+
+#[test]
+fn side_channels_do_not_keep_the_connection_busy() {
+    let mut p = Pair::new();
+    let f =
+        p.a.open_flow(FlowOptions {
+            side_channel: true,
+            ..FlowOptions::default()
+        })
+        .unwrap();
+    write_all(&mut p.a, f, b"hb");
+    p.pump();
+    assert!(p.a.is_idle());
+    let g = accept(&mut p.b).unwrap();
+    assert!(p.b.is_side_channel(g));
+    assert!(p.b.is_idle());
+    let busy = p.a.open_flow(FlowOptions::default()).unwrap();
+    assert!(!p.a.is_idle());
+    p.a.drop_flow(busy);
+    assert!(p.a.is_idle());
+}
+
+#[test]
+fn lame_duck_stops_new_flows_and_is_acknowledged() {
+    let mut p = Pair::new();
+    let existing = p.b.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.b, existing, b"before");
+    p.a.enter_lame_duck();
+    // b queued data on a flow it started before hearing of the lame duck.
+    let racing = p.b.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.b, racing, b"racing");
+    p.pump();
+    assert!(p.a.is_lame_duck_acked());
+    assert!(p.b.is_peer_lame_duck());
+    assert!(p.a.error().is_none() && p.b.error().is_none());
+    assert_eq!(
+        p.b.open_flow(FlowOptions::default()).unwrap_err().kind(),
+        ErrorKind::BadState
+    );
+    // Both flows opened before the ack arrived and work.
+    assert!(accept(&mut p.a).is_some());
+    assert!(accept(&mut p.a).is_some());
+    write_all(&mut p.b, existing, b" and after");
+    p.pump();
+    let existing_in_a = p.b.wire_id(existing).unwrap();
+    assert_eq!(read_all(&mut p.a, existing_in_a).0, b"before and after");
+}
+
+#[test]
+fn health_check_measures_rtt_and_silence_kills() {
+    let mut config = ConnConfig::default();
+    config.channel_timeout = Duration::from_secs(10);
+    let mut p = Pair::with_config(config);
+    p.advance(Duration::from_secs(5));
+    assert!(
+        p.a.wants_to_send(),
+        "health check due after half the timeout"
+    );
+    p.pump();
+    assert!(p.a.error().is_none());
+    // The peer answered, so the clock restarted.
+    p.advance(Duration::from_secs(9));
+    assert!(p.a.error().is_none() && p.b.error().is_none());
+    // Now the peer goes silent: nothing is delivered.
+    p.advance(Duration::from_secs(1));
+    let mut sink = BytesMut::new();
+    while p.a.build_frame(p.now, &mut sink).is_some() {
+        sink.clear();
+    }
+    p.advance(Duration::from_secs(10));
+    let err = p.a.error().expect("closed by the health check");
+    assert_eq!(err.kind(), ErrorKind::Network);
+    assert!(p.a.poll_timeout().is_none());
+}
+
+#[test]
+fn teardown_reason_reaches_the_peer_and_fails_its_flows() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"data");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.a.close("shutting down for maintenance");
+    p.pump();
+    assert!(p.a.is_finished());
+    let err = p.b.error().unwrap().clone();
+    assert_eq!(err.kind(), ErrorKind::Aborted);
+    assert!(
+        err.message().contains("shutting down for maintenance"),
+        "{err}"
+    );
+    // Bytes already received are still readable, then the error.
+    assert!(
+        matches!(p.b.poll_read(&mut cx(), p.now, g, 100), Poll::Ready(Ok(Some(b))) if &b[..] == b"data")
+    );
+    assert!(matches!(
+        p.b.poll_read(&mut cx(), p.now, g, 100),
+        Poll::Ready(Err(_))
+    ));
+    assert!(p.b.open_flow(FlowOptions::default()).is_err());
+}
+
+#[test]
+fn whole_messages_keep_their_boundaries() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(f).unwrap();
+    for msg in [&b"one"[..], b"two!", &[9u8; 3000]] {
+        // Before the flow's own credit arrives only one message may ride in
+        // the OpenFlow: the next write waits.
+        if write_all(&mut p.a, f, msg) == 0 {
+            p.pump();
+            assert_eq!(write_all(&mut p.a, f, msg), msg.len());
+        }
+    }
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    let mut got = Vec::new();
+    while let Poll::Ready(Ok(Some(b))) = p.b.poll_read(&mut cx(), p.now, g, usize::MAX) {
+        got.push(b.len());
+    }
+    assert_eq!(got, vec![3, 4, 3000]);
+    let too_big = vec![0u8; p.a.max_message() + 1];
+    assert!(
+        matches!(p.a.poll_write(&mut cx(), f, &[&too_big]), Poll::Ready(Err(e)) if e.kind() == ErrorKind::BadArg)
+    );
+}
+
+#[test]
+fn passthrough_payloads_travel_outside_the_encrypted_part() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    p.a.set_passthrough(f).unwrap();
+    write_all(&mut p.a, f, b"sealed elsewhere");
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    assert_eq!(&buf[built.encrypted_len..], b"sealed elsewhere");
+    p.b.handle_frame(p.now, buf.freeze(), built.encrypted_len)
+        .unwrap();
+    let g = accept(&mut p.b).unwrap();
+    assert_eq!(read_all(&mut p.b, g).0, b"opensealed elsewhere");
+}
+
+// ----- Hostile input ----------------------------------------------------
+
+fn frame(msgs: &[Message]) -> Bytes {
+    let mut buf = BytesMut::new();
+    flow_message::encode_frame(msgs, &mut buf);
+    buf.freeze()
+}
+
+fn inject(conn: &mut ConnState, msgs: &[Message]) -> crate::Result<()> {
+    let f = frame(msgs);
+    let len = f.len();
+    conn.handle_frame(Instant::now(), f, len)
+}
+
+fn open_msg(id: u64, payload: &'static [u8]) -> Message {
+    Message::OpenFlow(OpenFlow {
+        id,
+        initial_tokens: 1 << 20,
+        blessings_key: CONN_BLESSINGS_KEY,
+        discharge_key: 0,
+        flags: Flags::NONE,
+        payload: Bytes::from_static(payload),
+    })
+}
+
+fn data_msg(id: u64, payload: Bytes) -> Message {
+    Message::Data(Data {
+        id,
+        flags: Flags::NONE,
+        payload,
+    })
+}
+
+fn assert_violation(conn: &ConnState, result: crate::Result<()>, needle: &str) {
+    let err = result.expect_err("hostile input accepted");
+    assert_eq!(err.kind(), ErrorKind::BadArg, "{err}");
+    assert!(
+        err.message().contains(needle),
+        "{err} should mention {needle:?}"
+    );
+    assert!(conn.is_closed());
+    // The reason goes to the peer in a TearDown.
+    assert!(conn.wants_to_send());
+}
+
+#[test]
+fn data_beyond_credit_closes_the_connection() {
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    inject(&mut conn, &[open_msg(2, b"")]).unwrap();
+    let window = ConnConfig::default().initial_window as usize;
+    let too_much = Bytes::from(vec![0u8; window + 1]);
+    let r = inject(&mut conn, &[data_msg(2, too_much)]);
+    assert_violation(&conn, r, "credit");
+}
+
+#[test]
+fn unknown_and_duplicate_flow_ids_close_the_connection() {
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let r = inject(&mut conn, &[data_msg(40, Bytes::from_static(b"x"))]);
+    assert_violation(&conn, r, "unknown flow");
+
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    inject(&mut conn, &[open_msg(4, b"")]).unwrap();
+    let r = inject(&mut conn, &[open_msg(4, b"")]);
+    assert_violation(&conn, r, "opened twice");
+
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let r = inject(&mut conn, &[open_msg(3, b"")]);
+    assert_violation(&conn, r, "our ids");
+
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let r = inject(
+        &mut conn,
+        &[Message::Release(ReleaseMsg {
+            releases: vec![Release {
+                flow_id: 99,
+                tokens: 1,
+            }],
+        })],
+    );
+    assert_violation(&conn, r, "unknown flow");
+}
+
+#[test]
+fn open_flow_flood_past_the_limit_closes_the_connection() {
+    let mut config = ConnConfig::default();
+    config.max_pending_accepts = 10;
+    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    for i in 1..=10 {
+        inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
+    }
+    let r = inject(&mut conn, &[open_msg(22, b"")]);
+    assert_violation(&conn, r, "waiting to be accepted");
+
+    let mut config = ConnConfig::default();
+    config.max_flows = 5;
+    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    for i in 1..=5 {
+        inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
+    }
+    let r = inject(&mut conn, &[open_msg(12, b"")]);
+    assert_violation(&conn, r, "flows open");
+}
+
+#[test]
+fn garbage_and_misplaced_messages_close_the_connection() {
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let r = conn.handle_frame(Instant::now(), Bytes::from_static(&[0x7f, 1, 2]), 3);
+    assert_violation(&conn, r, "unknown type");
+
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let r = inject(&mut conn, &[Message::ProxyServerRequest]);
+    assert_violation(&conn, r, "unexpected ProxyServerRequest");
+
+    // Cleartext tail that is not a passthrough payload.
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let f = frame(&[open_msg(2, b""), data_msg(2, Bytes::from_static(b"abc"))]);
+    let r = conn.handle_frame(Instant::now(), f.clone(), f.len() - 3);
+    assert_violation(&conn, r, "unencrypted");
+
+    // OpenFlow carrying more than the shared tokens.
+    let mut config = ConnConfig::default();
+    config.shared_tokens = 2;
+    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let r = inject(&mut conn, &[open_msg(2, b"abc")]);
+    assert_violation(&conn, r, "shared tokens");
+
+    // Data after the flow's CLOSE.
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    inject(
+        &mut conn,
+        &[Message::Data(Data {
+            id: 2,
+            flags: Flags::CLOSE,
+            payload: Bytes::new(),
+        })],
+    )
+    .unwrap_err();
+}
+
+#[test]
+fn hostile_input_never_panics_after_setup() {
+    // A cheap, always-on cousin of the fuzz target.
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..2000 {
+        let mut conn = ConnState::new(
+            ConnConfig::default(),
+            established(Role::Acceptor),
+            Instant::now(),
+        );
+        for _ in 0..4 {
+            let len = (rng_state % 64) as usize;
+            let mut bytes = Vec::with_capacity(len);
+            for _ in 0..len {
+                rng_state ^= rng_state << 13;
+                rng_state ^= rng_state >> 7;
+                rng_state ^= rng_state << 17;
+                bytes.push((rng_state % 20) as u8);
+            }
+            let enc = (rng_state as usize) % (len + 1);
+            let _ = conn.handle_frame(Instant::now(), Bytes::from(bytes), enc);
+            let mut out = BytesMut::new();
+            let _ = conn.build_frame(Instant::now(), &mut out);
+        }
+    }
+}
+
+// ----- Random operation sequences ----------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Open(bool),
+    Write(usize, usize),
+    Read(usize, usize),
+    CloseWrite(usize),
+    Drop(usize),
+    Pump(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        1 => any::<bool>().prop_map(Op::Open),
+        6 => (0usize..8, 1usize..20_000).prop_map(|(f, n)| Op::Write(f, n)),
+        6 => (0usize..8, 1usize..30_000).prop_map(|(f, n)| Op::Read(f, n)),
+        1 => (0usize..8).prop_map(Op::CloseWrite),
+        1 => (0usize..8).prop_map(Op::Drop),
+        3 => any::<u8>().prop_map(Op::Pump),
+    ]
+}
+
+/// One direction of a flow as the test sees it.
+struct Tracked {
+    /// Opened by `a` (true) or `b`.
+    by_a: bool,
+    id: FlowId,
+    written: Vec<u8>,
+    read: Vec<u8>,
+    write_closed: bool,
+    dropped: bool,
+    eof: bool,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Every byte written is read exactly once and in order per flow; no
+    /// side ever exceeds its credit (that would close the connection);
+    /// windows stay within the budget.
+    #[test]
+    fn random_operations_deliver_every_byte_in_order(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut config = ConnConfig::default();
+        config.initial_window = 32 * 1024;
+        config.min_window = 4 * 1024;
+        config.max_window = 128 * 1024;
+        config.connection_budget = 256 * 1024;
+        config.shared_tokens = 8 * 1024;
+        let mut p = Pair::with_config(config.clone());
+        let mut flows: Vec<Tracked> = Vec::new();
+        let mut counter = 0u8;
+        for op in ops {
+            match op {
+                Op::Open(by_a) => {
+                    let side = if by_a { &mut p.a } else { &mut p.b };
+                    if let Ok(id) = side.open_flow(FlowOptions::default()) {
+                        flows.push(Tracked { by_a, id, written: Vec::new(), read: Vec::new(), write_closed: false, dropped: false, eof: false });
+                    }
+                }
+                Op::Write(i, n) => {
+                    if let Some(t) = flows.get_mut(i)
+                        && !t.write_closed && !t.dropped
+                    {
+                        let data: Vec<u8> = (0..n).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
+                        let side = if t.by_a { &mut p.a } else { &mut p.b };
+                        let w = write_all(side, t.id, &data);
+                        t.written.extend_from_slice(&data[..w]);
+                    }
+                }
+                Op::Read(i, n) => {
+                    if let Some(t) = flows.get_mut(i)
+                        && !t.dropped
+                    {
+                        // The reader is the other side; it must have accepted.
+                        let wire = if t.by_a { p.a.wire_id(t.id) } else { p.b.wire_id(t.id) };
+                        let side = if t.by_a { &mut p.b } else { &mut p.a };
+                        while accept(side).is_some() {}
+                        let Some(wire) = wire else { continue };
+                        if let Poll::Ready(r) = side.poll_read(&mut cx(), p.now, wire, n) {
+                            match r.unwrap() {
+                                Some(b) => t.read.extend_from_slice(&b),
+                                None => t.eof = true,
+                            }
+                        }
+                    }
+                }
+                Op::CloseWrite(i) => {
+                    if let Some(t) = flows.get_mut(i)
+                        && !t.dropped
+                    {
+                        let side = if t.by_a { &mut p.a } else { &mut p.b };
+                        side.close_write(t.id);
+                        t.write_closed = true;
+                    }
+                }
+                Op::Drop(i) => {
+                    if let Some(t) = flows.get_mut(i) {
+                        let side = if t.by_a { &mut p.a } else { &mut p.b };
+                        side.drop_flow(t.id);
+                        t.dropped = true;
+                    }
+                }
+                Op::Pump(n) => {
+                    for _ in 0..(n % 4) {
+                        transfer(&mut p.a, &mut p.b, p.now);
+                        transfer(&mut p.b, &mut p.a, p.now);
+                    }
+                }
+            }
+            prop_assert!(p.a.error().is_none(), "a failed: {:?}", p.a.error());
+            prop_assert!(p.b.error().is_none(), "b failed: {:?}", p.b.error());
+            let bound = config.connection_budget + 16 * (config.min_window + config.shared_tokens);
+            prop_assert!(p.a.window_total() <= bound);
+            prop_assert!(p.b.window_total() <= bound);
+        }
+        // Drain everything: the reader reads until nothing moves.
+        for _ in 0..200 {
+            p.pump();
+            let mut progress = false;
+            for t in flows.iter_mut().filter(|t| !t.dropped) {
+                let wire = if t.by_a { p.a.wire_id(t.id) } else { p.b.wire_id(t.id) };
+                let side = if t.by_a { &mut p.b } else { &mut p.a };
+                while accept(side).is_some() {}
+                let Some(wire) = wire else { continue };
+                let (bytes, eof) = read_all(side, wire);
+                progress |= !bytes.is_empty();
+                t.read.extend_from_slice(&bytes);
+                t.eof |= eof;
+            }
+            if !progress { break; }
+        }
+        for t in flows.iter().filter(|t| !t.dropped) {
+            // Whatever was read is exactly a prefix of what was written, and
+            // a flow whose writer was not dropped delivers everything.
+            prop_assert!(t.written.starts_with(&t.read), "flow {} reordered or duplicated bytes", t.id);
+            prop_assert_eq!(t.read.len(), t.written.len(), "flow {} lost bytes", t.id);
+            if t.write_closed {
+                prop_assert!(t.eof, "flow {} never saw its CLOSE", t.id);
+            }
+        }
+    }
+}
