@@ -6,7 +6,6 @@
 //! blessings, caveats, authorizers).
 
 pub mod auth;
-#[cfg(feature = "wip-conn")]
 pub mod conn;
 pub mod error;
 

@@ -115,13 +115,9 @@ impl RecvWindow {
     }
 
     /// Bytes received and not yet read.
+    #[cfg(test)]
     pub(crate) fn buffered(&self) -> u64 {
         self.buffered
-    }
-
-    /// Bytes read and not yet granted back.
-    pub(crate) fn unreleased(&self) -> u64 {
-        self.unreleased
     }
 
     /// `n` bytes arrived from the peer.

@@ -1,17 +1,34 @@
 //! The connection: an authenticated, encrypted channel multiplexing flows.
 //!
+//! - [`handshake`]: Noise NN plus channel binding of blessings (sans-I/O).
 //! - [`state`]: the sans-I/O multiplexer (flow table, flow control, write
 //!   scheduling, health checks, lame duck, teardown).
+//! - `cipher`: sealing and opening frames in place after the handshake.
 //! - `flow_control`: window and credit accounting.
+//! - `driver`: the tokio reader and writer tasks; [`Conn`].
+//! - `flow`: the application's [`Flow`] handle.
 //! - [`config`]: tunables and limits.
 
+mod cipher;
 pub mod config;
+mod driver;
+mod flow;
 mod flow_control;
+pub mod handshake;
 pub mod state;
 
+pub use cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
 pub use config::ConnConfig;
+pub use driver::Conn;
+pub use flow::{Flow, FlowReader, FlowWriter};
+pub use handshake::{HandshakeDone, HandshakeParams};
 pub use state::{
     BuiltFrame, CONN_BLESSINGS_KEY, ConnState, ConnStats, Established, FlowId, FlowOptions, Role,
 };
+
+#[cfg(test)]
+mod driver_tests;
 #[cfg(test)]
 mod state_tests;
+#[cfg(test)]
+mod test_pipe;

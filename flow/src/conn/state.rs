@@ -204,6 +204,12 @@ impl FlowEntry {
         !self.handle_alive && self.send_done() && (self.recv_done() || !self.opened)
     }
 
+    fn wake_closed(&mut self) {
+        for w in self.closed_wakers.drain(..) {
+            w.wake();
+        }
+    }
+
     fn wake_all(&mut self) {
         if let Some(w) = self.read_waker.take() {
             w.wake();
@@ -496,6 +502,15 @@ impl ConnState {
                     || !self.ready.is_empty()
             }
         }
+    }
+
+    /// Queues `msgs` to go out before anything else (the dialer's channel
+    /// binding, so it shares a frame with the first flow's bytes).
+    pub fn send_first(&mut self, msgs: Vec<Message>) {
+        for msg in msgs.into_iter().rev() {
+            self.control.push_front(msg);
+        }
+        wake_opt(&mut self.writer_waker);
     }
 
     // ----- Lifecycle ------------------------------------------------------
@@ -878,6 +893,7 @@ impl ConnState {
         }
         if flags.contains(Flags::CLOSE) {
             entry.recv_state = RecvState::PeerClosed;
+            entry.wake_closed();
         }
         if let Some(w) = entry.read_waker.take() {
             w.wake();
@@ -984,13 +1000,16 @@ impl ConnState {
             if let Some(w) = entry.write_waker.take() {
                 w.wake();
             }
+            if entry.send_state == SendState::Closed {
+                entry.wake_closed();
+            }
             self.maybe_reap(id);
             if clear_from.is_some() {
                 break;
             }
         }
         if self.lame_duck_ack_due
-            && buf.len() + 1 <= max
+            && buf.len() < max
             && clear_from.is_none()
             && !self.flows.values().any(|e| !e.opened && e.in_ready)
         {
@@ -1388,7 +1407,7 @@ impl ConnState {
         }
         // Before the OpenFlow goes out, bytes are borrowed from the shared
         // tokens and ride inside it: at most one message's worth.
-        let can_borrow = !entry.opened && !(entry.whole_messages && !entry.send_queue.is_empty());
+        let can_borrow = !entry.opened && (!entry.whole_messages || entry.send_queue.is_empty());
         let have = if entry.credit.is_granted() {
             entry.credit.credit()
         } else if can_borrow {
@@ -1498,6 +1517,15 @@ impl ConnState {
         }
         self.close_flow(id);
         self.maybe_reap(id);
+    }
+
+    /// Wakes whoever waits on flow `id` (its deadline changed).
+    pub fn wake_flow(&mut self, id: FlowId) {
+        let id = self.resolve(id);
+        if let Some(entry) = self.flows.get_mut(&id) {
+            wake_opt(&mut entry.read_waker);
+            wake_opt(&mut entry.write_waker);
+        }
     }
 
     /// Resolves once flow `id` is closed in both directions, or the

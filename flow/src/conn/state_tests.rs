@@ -286,8 +286,10 @@ fn a_slow_flow_does_not_stall_another() {
 
 #[test]
 fn shared_tokens_return_after_first_grant() {
-    let mut config = ConnConfig::default();
-    config.shared_tokens = 1000;
+    let config = ConnConfig {
+        shared_tokens: 1000,
+        ..ConnConfig::default()
+    };
     let mut p = Pair::with_config(config);
     let f1 = p.a.open_flow(FlowOptions::default()).unwrap();
     assert_eq!(write_all(&mut p.a, f1, &[0u8; 5000]), 1000);
@@ -350,8 +352,10 @@ fn lame_duck_stops_new_flows_and_is_acknowledged() {
 
 #[test]
 fn health_check_measures_rtt_and_silence_kills() {
-    let mut config = ConnConfig::default();
-    config.channel_timeout = Duration::from_secs(10);
+    let config = ConnConfig {
+        channel_timeout: Duration::from_secs(10),
+        ..ConnConfig::default()
+    };
     let mut p = Pair::with_config(config);
     p.advance(Duration::from_secs(5));
     assert!(
@@ -550,8 +554,10 @@ fn unknown_and_duplicate_flow_ids_close_the_connection() {
 
 #[test]
 fn open_flow_flood_past_the_limit_closes_the_connection() {
-    let mut config = ConnConfig::default();
-    config.max_pending_accepts = 10;
+    let config = ConnConfig {
+        max_pending_accepts: 10,
+        ..ConnConfig::default()
+    };
     let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
     for i in 1..=10 {
         inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
@@ -559,8 +565,10 @@ fn open_flow_flood_past_the_limit_closes_the_connection() {
     let r = inject(&mut conn, &[open_msg(22, b"")]);
     assert_violation(&conn, r, "waiting to be accepted");
 
-    let mut config = ConnConfig::default();
-    config.max_flows = 5;
+    let config = ConnConfig {
+        max_flows: 5,
+        ..ConnConfig::default()
+    };
     let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
     for i in 1..=5 {
         inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
@@ -598,8 +606,10 @@ fn garbage_and_misplaced_messages_close_the_connection() {
     assert_violation(&conn, r, "unencrypted");
 
     // OpenFlow carrying more than the shared tokens.
-    let mut config = ConnConfig::default();
-    config.shared_tokens = 2;
+    let config = ConnConfig {
+        shared_tokens: 2,
+        ..ConnConfig::default()
+    };
     let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
     let r = inject(&mut conn, &[open_msg(2, b"abc")]);
     assert_violation(&conn, r, "shared tokens");
@@ -691,12 +701,14 @@ proptest! {
     /// windows stay within the budget.
     #[test]
     fn random_operations_deliver_every_byte_in_order(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut config = ConnConfig::default();
-        config.initial_window = 32 * 1024;
-        config.min_window = 4 * 1024;
-        config.max_window = 128 * 1024;
-        config.connection_budget = 256 * 1024;
-        config.shared_tokens = 8 * 1024;
+        let config = ConnConfig {
+            initial_window: 32 * 1024,
+            min_window: 4 * 1024,
+            max_window: 128 * 1024,
+            connection_budget: 256 * 1024,
+            shared_tokens: 8 * 1024,
+            ..ConnConfig::default()
+        };
         let mut p = Pair::with_config(config.clone());
         let mut flows: Vec<Tracked> = Vec::new();
         let mut counter = 0u8;

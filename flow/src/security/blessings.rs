@@ -159,6 +159,16 @@ impl Blessings {
         out
     }
 
+    /// Checks every certificate signature of every chain, without looking
+    /// at roots or caveats. A failure is an [`crate::ErrorKind::Auth`] error:
+    /// the blessings were forged or damaged, not merely untrusted.
+    pub fn verify_signatures(&self) -> Result<()> {
+        for chain in self.chains.iter() {
+            verify_chain(chain)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn from_chains_unchecked(chains: Vec<Vec<Certificate>>) -> Self {
         Blessings {
             chains: Arc::new(chains),

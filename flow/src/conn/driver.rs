@@ -1,0 +1,477 @@
+//! The tokio driver of a connection: the handshake over a [`FramedConn`],
+//! then two tasks — a reader that opens frames and feeds the state machine,
+//! and a writer that asks it for frames, seals them and writes them in
+//! batches. No task per flow.
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
+use super::flow::Flow;
+use super::handshake::{Acceptor, Dialer, HandshakeDone, HandshakeParams};
+use super::state::{ConnState, ConnStats, FlowOptions};
+use crate::auth::AuthorizedPeer;
+use crate::naming::Endpoint;
+use crate::security::{Blessings, Discharges};
+use crate::transport::{FrameReader, FrameWriter, FramedConn};
+use crate::{Error, ErrorKind, Result};
+
+/// Most frames one batch (one vectored write) carries.
+const BATCH_FRAMES: usize = 16;
+/// Most bytes one batch carries.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// What a connection knows besides its state machine.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<ConnState>,
+    local_endpoint: Endpoint,
+    remote_endpoint: Endpoint,
+    requested_endpoint: Option<Endpoint>,
+    authorized: AuthorizedPeer,
+    local_addr: String,
+    remote_addr: String,
+}
+
+/// An established, authenticated connection multiplexing flows.
+///
+/// Cheap to clone; every clone is the same connection. This is also the
+/// "managed connection" view flows give of their connection: endpoints,
+/// blessings, negotiated version, RTT, last use, `closed()`.
+#[derive(Clone)]
+pub struct Conn {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("local", &self.shared.local_endpoint.to_string())
+            .field("remote", &self.shared.remote_endpoint.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Conn {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for Conn {}
+
+async fn read_handshake_frame(reader: &mut dyn FrameReader, what: &str) -> Result<BytesMut> {
+    match reader.read_frame().await? {
+        Some(frame) => Ok(frame),
+        None => Err(Error::network(format!(
+            "peer closed the connection during the handshake (waiting for {what})"
+        ))),
+    }
+}
+
+impl Conn {
+    /// Runs the dialer's handshake over `transport` to reach `remote`, then
+    /// starts the connection. Fails with `Timeout` after the configured
+    /// handshake timeout, `Auth` if the acceptor's identity does not hold
+    /// up, `NotTrusted` if the authorizer refuses it.
+    pub async fn dial(
+        transport: Box<dyn FramedConn>,
+        params: HandshakeParams,
+        remote: Endpoint,
+    ) -> Result<Conn> {
+        let timeout = params.config.handshake_timeout;
+        let local_addr = transport.local_addr();
+        let remote_addr = transport.remote_addr();
+        let config = params.config.clone();
+        let (mut reader, mut writer) = transport.split();
+        let handshake = async {
+            let (mut dialer, hello) = Dialer::start(params, remote, Instant::now())?;
+            writer.write_frames(&[hello]).await?;
+            let answer = read_handshake_frame(reader.as_mut(), "the answer").await?;
+            dialer.on_response(answer, Instant::now())?;
+            let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
+            dialer.on_binding(binding, SystemTime::now())
+        };
+        let done = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                Error::timeout(format!(
+                    "handshake with {remote_addr} timed out after {timeout:?}"
+                ))
+            })?
+            .map_err(|e| e.context(format!("dialing {remote_addr}")))?;
+        Ok(Conn::start(
+            config,
+            done,
+            reader,
+            writer,
+            local_addr,
+            remote_addr,
+        ))
+    }
+
+    /// Runs the acceptor's handshake over `transport`, then starts the
+    /// connection.
+    pub async fn accept(transport: Box<dyn FramedConn>, params: HandshakeParams) -> Result<Conn> {
+        let timeout = params.config.handshake_timeout;
+        let local_addr = transport.local_addr();
+        let remote_addr = transport.remote_addr();
+        let config = params.config.clone();
+        let (mut reader, mut writer) = transport.split();
+        let handshake = async {
+            let mut acceptor = Acceptor::new(params);
+            let hello = read_handshake_frame(reader.as_mut(), "the hello").await?;
+            let answer = acceptor.on_hello(hello, Instant::now())?;
+            writer.write_frames(&answer).await?;
+            let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
+            acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)
+        };
+        let done = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                Error::timeout(format!(
+                    "handshake from {remote_addr} timed out after {timeout:?}"
+                ))
+            })?
+            .map_err(|e| e.context(format!("accepting from {remote_addr}")))?;
+        Ok(Conn::start(
+            config,
+            done,
+            reader,
+            writer,
+            local_addr,
+            remote_addr,
+        ))
+    }
+
+    fn start(
+        config: super::ConnConfig,
+        done: HandshakeDone,
+        reader: Box<dyn FrameReader>,
+        writer: Box<dyn FrameWriter>,
+        local_addr: String,
+        remote_addr: String,
+    ) -> Conn {
+        let now = Instant::now();
+        let mut state = ConnState::new(config, done.established, now);
+        state.send_first(done.initial_messages);
+        if let Some((frame, encrypted_len)) = done.leftover {
+            // A violation here closes the connection; the writer sends the
+            // TearDown and flows see the error.
+            let _ = state.handle_frame(now, frame, encrypted_len);
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            local_endpoint: done.local_endpoint,
+            remote_endpoint: done.remote_endpoint,
+            requested_endpoint: done.requested_endpoint,
+            authorized: done.authorized,
+            local_addr,
+            remote_addr,
+        });
+        tokio::spawn(read_loop(shared.clone(), reader, done.opener));
+        tokio::spawn(write_loop(shared.clone(), writer, done.sealer));
+        Conn { shared }
+    }
+
+    /// Opens a flow to the peer. Nothing goes out until the first write or
+    /// flush; the first bytes ride inside the `OpenFlow`.
+    pub fn open_flow(&self, opts: FlowOptions) -> Result<Flow> {
+        let id = self.shared.state.lock().open_flow(opts)?;
+        Ok(Flow::new(self.clone(), id))
+    }
+
+    /// The next flow the peer opened.
+    pub async fn accept_flow(&self) -> Result<Flow> {
+        let id = poll_fn(|cx| self.shared.state.lock().poll_accept(cx)).await?;
+        Ok(Flow::new(self.clone(), id))
+    }
+
+    /// Polls for the next flow the peer opened (for callers that multiplex
+    /// many connections in one task).
+    pub fn poll_accept_flow(&self, cx: &mut std::task::Context<'_>) -> Poll<Result<Flow>> {
+        match self.shared.state.lock().poll_accept(cx) {
+            Poll::Ready(Ok(id)) => Poll::Ready(Ok(Flow::new(self.clone(), id))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Closes the connection, telling the peer `reason`; flows fail.
+    pub fn close(&self, reason: &str) {
+        self.shared.state.lock().close(reason);
+    }
+
+    /// Asks the peer to open no more flows here (lame duck).
+    pub fn enter_lame_duck(&self) {
+        self.shared.state.lock().enter_lame_duck();
+    }
+
+    /// Resolves when the peer acknowledged the lame duck (or the connection
+    /// closed).
+    pub async fn lame_duck_acked(&self) {
+        poll_fn(|cx| self.shared.state.lock().poll_lame_duck_acked(cx)).await
+    }
+
+    /// Resolves when no flow but side channels is open (or the connection
+    /// closed).
+    pub async fn idle(&self) {
+        poll_fn(|cx| self.shared.state.lock().poll_idle(cx)).await
+    }
+
+    /// Resolves, with the reason, once the connection is closed.
+    pub async fn closed(&self) -> Error {
+        poll_fn(|cx| self.shared.state.lock().poll_closed(cx)).await
+    }
+
+    /// Why the connection closed, if it has.
+    pub fn close_reason(&self) -> Option<Error> {
+        self.shared.state.lock().error().cloned()
+    }
+
+    /// Whether the connection is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.lock().is_closed()
+    }
+
+    /// Whether no flow but side channels is open.
+    pub fn is_idle(&self) -> bool {
+        self.shared.state.lock().is_idle()
+    }
+
+    /// Whether the peer asked for no new flows.
+    pub fn is_peer_lame_duck(&self) -> bool {
+        self.shared.state.lock().is_peer_lame_duck()
+    }
+
+    /// This side's endpoint.
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.shared.local_endpoint
+    }
+
+    /// The peer's endpoint, with the routing id it announced.
+    pub fn remote_endpoint(&self) -> &Endpoint {
+        &self.shared.remote_endpoint
+    }
+
+    /// The endpoint the dialer asked to reach (acceptor side).
+    pub fn requested_endpoint(&self) -> Option<&Endpoint> {
+        self.shared.requested_endpoint.as_ref()
+    }
+
+    /// The transport's local address.
+    pub fn local_addr(&self) -> &str {
+        &self.shared.local_addr
+    }
+
+    /// The transport's remote address.
+    pub fn remote_addr(&self) -> &str {
+        &self.shared.remote_addr
+    }
+
+    /// The peer's blessing names this side's authorizer accepted, and the
+    /// rejected ones.
+    pub fn authorized_peer(&self) -> &AuthorizedPeer {
+        &self.shared.authorized
+    }
+
+    /// The blessings the peer presented for the connection.
+    pub fn remote_blessings(&self) -> Blessings {
+        self.shared.state.lock().remote_blessings()
+    }
+
+    /// The discharges the peer presented for the connection.
+    pub fn remote_discharges(&self) -> Discharges {
+        self.shared.state.lock().remote_discharges()
+    }
+
+    /// The blessings this side presented for the connection.
+    pub fn local_blessings(&self) -> Blessings {
+        self.shared.state.lock().local_blessings()
+    }
+
+    /// The discharges this side presented for the connection.
+    pub fn local_discharges(&self) -> Discharges {
+        self.shared.state.lock().local_discharges()
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u32 {
+        self.shared.state.lock().version()
+    }
+
+    /// The latest round-trip time.
+    pub fn rtt(&self) -> std::time::Duration {
+        self.shared.state.lock().rtt()
+    }
+
+    /// When a flow last sent or received bytes.
+    pub fn last_used(&self) -> Instant {
+        self.shared.state.lock().last_used()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> ConnStats {
+        self.shared.state.lock().stats()
+    }
+
+    /// The largest message a flow with fragmentation disabled can write.
+    pub fn max_message(&self) -> usize {
+        self.shared.state.lock().max_message()
+    }
+}
+
+async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut opener: FrameOpener) {
+    loop {
+        let result = reader.read_frame().await;
+        let err = match result {
+            Ok(Some(frame)) => match opener.open(frame) {
+                Ok((plain, encrypted_len)) => {
+                    let mut state = shared.state.lock();
+                    if state
+                        .handle_frame(Instant::now(), plain, encrypted_len)
+                        .is_err()
+                        || state.is_closed()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => e,
+            },
+            Ok(None) => Error::network(format!("{} closed the connection", shared.remote_addr)),
+            Err(e) => e.context(format!("reading from {}", shared.remote_addr)),
+        };
+        let mut state = shared.state.lock();
+        if err.kind() == ErrorKind::Auth {
+            // A frame that fails authentication: tell the peer if we can.
+            state.close(err.message());
+        } else {
+            state.transport_failed(err);
+        }
+        return;
+    }
+}
+
+/// Waits until the state machine has something to send or a deadline
+/// passes (running the health-check clock).
+async fn wait_for_work(shared: &Shared) {
+    loop {
+        let deadline = shared.state.lock().poll_timeout();
+        let mut sleep = pin!(deadline.map(|d| tokio::time::sleep_until(d.into())));
+        let woke = poll_fn(|cx| {
+            let mut state = shared.state.lock();
+            if state.wants_to_send() || state.is_finished() {
+                return Poll::Ready(true);
+            }
+            state.register_writer(cx.waker());
+            drop(state);
+            match sleep.as_mut().as_pin_mut() {
+                Some(s) => s.poll(cx).map(|()| false),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        if woke {
+            return;
+        }
+        let mut state = shared.state.lock();
+        state.handle_timeout(Instant::now());
+    }
+}
+
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut writer: Box<dyn FrameWriter>,
+    mut sealer: FrameSealer,
+) {
+    let mut arena = BytesMut::new();
+    let mut built: Vec<(BytesMut, usize)> = Vec::with_capacity(BATCH_FRAMES);
+    let mut frames: Vec<Bytes> = Vec::with_capacity(BATCH_FRAMES);
+    loop {
+        wait_for_work(&shared).await;
+        // Build a batch under the lock; seal it outside.
+        let finished = {
+            let mut state = shared.state.lock();
+            let now = Instant::now();
+            let frame_cap = FRAME_OVERHEAD + state.max_message() * 3;
+            let mut bytes = 0;
+            while built.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+                arena.reserve(frame_cap.max(64 * 1024));
+                arena.put_bytes(0, FRAME_OVERHEAD);
+                let mut body = arena.split_off(FRAME_OVERHEAD);
+                match state.build_frame(now, &mut body) {
+                    Some(frame) => {
+                        bytes += body.len();
+                        arena.unsplit(body);
+                        built.push((arena.split(), frame.encrypted_len));
+                    }
+                    None => {
+                        arena.clear();
+                        arena.unsplit(body);
+                        break;
+                    }
+                }
+            }
+            state.is_finished()
+        };
+        for (mut frame, encrypted_len) in built.drain(..) {
+            let mut body = frame.split_off(FRAME_OVERHEAD);
+            if let Err(e) = sealer.seal(&mut frame, &mut body, encrypted_len) {
+                shared.state.lock().transport_failed(e);
+                return;
+            }
+            frame.unsplit(body);
+            frames.push(frame.freeze());
+        }
+        if !frames.is_empty() {
+            let result = write_with_health(&shared, writer.as_mut(), &frames).await;
+            frames.clear();
+            if let Err(e) = result {
+                shared
+                    .state
+                    .lock()
+                    .transport_failed(e.context(format!("writing to {}", shared.remote_addr)));
+                return;
+            }
+        }
+        if finished {
+            let _ = writer.close().await;
+            return;
+        }
+    }
+}
+
+/// Writes a batch while keeping the health-check clock running, so a peer
+/// that stops reading is still declared dead on time.
+async fn write_with_health(
+    shared: &Shared,
+    writer: &mut dyn FrameWriter,
+    frames: &[Bytes],
+) -> Result<()> {
+    let mut write = writer.write_frames(frames);
+    loop {
+        let deadline = shared.state.lock().poll_timeout();
+        let Some(deadline) = deadline else {
+            return write.await;
+        };
+        tokio::select! {
+            result = &mut write => return result,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let mut state = shared.state.lock();
+                state.handle_timeout(Instant::now());
+                if state.is_closed() {
+                    return Err(state
+                        .error()
+                        .cloned()
+                        .unwrap_or_else(|| Error::network("connection closed while writing")));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The handshake and driver over an in-memory pipe: identities, authorizer
+//! decisions, flows end to end, deadlines and closing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::test_pipe::pipe;
+use super::*;
+use crate::auth::{AllowEveryone, AuthorizedPeer, PatternAuthorizer, PeerAuthorizer, PeerInfo};
+use crate::naming::{Endpoint, RoutingId};
+use crate::security::{BlessingPattern, Blessings, Discharges, Principal};
+use crate::{ErrorKind, Result};
+
+fn params(principal: &Principal, authorizer: Arc<dyn PeerAuthorizer>) -> HandshakeParams {
+    HandshakeParams {
+        config: ConnConfig::default(),
+        principal: principal.clone(),
+        authorizer,
+        local_endpoint: Endpoint::new("test", "local").with_routing_id(RoutingId::random()),
+        transport_max_frame: 1 << 20,
+    }
+}
+
+async fn connect(
+    dialer: HandshakeParams,
+    acceptor: HandshakeParams,
+) -> (Result<Conn>, Result<Conn>) {
+    let (a, b) = pipe();
+    let remote = Endpoint::new("test", "acceptor");
+    tokio::join!(Conn::dial(a, dialer, remote), Conn::accept(b, acceptor))
+}
+
+/// Runs `fut`, failing the test if it has not finished within two seconds.
+/// (Unlike `tokio::time::timeout`, a missed wake-up cannot hide behind the
+/// timer polling the future one last time.)
+async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep(Duration::from_secs(2)) => panic!("did not finish in time"),
+        out = fut => out,
+    }
+}
+
+async fn pair() -> (Conn, Conn) {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let bob = Principal::with_self_blessing("bob").unwrap();
+    let (d, a) = connect(
+        params(&alice, Arc::new(AllowEveryone)),
+        params(&bob, Arc::new(AllowEveryone)),
+    )
+    .await;
+    (d.unwrap(), a.unwrap())
+}
+
+#[tokio::test]
+async fn handshake_binds_identities_both_ways() {
+    let root = Principal::with_self_blessing("acme").unwrap();
+    let server = Principal::new();
+    let blessed = root
+        .bless(
+            server.public_key(),
+            &root.default_blessings(),
+            "server",
+            Vec::new(),
+        )
+        .unwrap();
+    server
+        .blessing_store()
+        .set_default(blessed.clone())
+        .unwrap();
+    server
+        .blessing_store()
+        .set(blessed, BlessingPattern::all())
+        .unwrap();
+    let client = Principal::with_self_blessing("client").unwrap();
+    client.add_to_roots(&root.default_blessings()).unwrap();
+    server.add_to_roots(&client.default_blessings()).unwrap();
+
+    let (d, a) = connect(
+        params(
+            &client,
+            Arc::new(PatternAuthorizer::new([BlessingPattern::parse(
+                "acme:server",
+            )
+            .unwrap()])),
+        ),
+        params(&server, Arc::new(AllowEveryone)),
+    )
+    .await;
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert_eq!(d.authorized_peer().names, vec!["acme:server".to_string()]);
+    assert_eq!(a.authorized_peer().names, vec!["client".to_string()]);
+    assert_eq!(
+        d.remote_blessings().names(),
+        vec!["acme:server".to_string()]
+    );
+    assert_eq!(a.remote_blessings().names(), vec!["client".to_string()]);
+    assert_eq!(d.version(), 1);
+    // The dialer learned the acceptor's routing id from its setup.
+    assert!(!d.remote_endpoint().routing_id().is_null());
+    assert_eq!(a.requested_endpoint().unwrap().address(), "acceptor");
+}
+
+#[tokio::test]
+async fn untrusted_acceptor_is_refused_before_the_dialer_reveals_itself() {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let mallory = Principal::with_self_blessing("mallory").unwrap();
+    let (d, a) = connect(
+        params(
+            &alice,
+            Arc::new(PatternAuthorizer::new([
+                BlessingPattern::parse("bob").unwrap()
+            ])),
+        ),
+        params(&mallory, Arc::new(AllowEveryone)),
+    )
+    .await;
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+    assert!(err.message().contains("mallory"), "{err}");
+    // The acceptor never saw the dialer's binding.
+    assert!(a.is_err());
+}
+
+/// Presents blessings of a principal other than the one signing.
+#[derive(Debug)]
+struct BorrowedBlessings(Blessings);
+
+impl PeerAuthorizer for BorrowedBlessings {
+    fn authorize_peer(&self, peer: &PeerInfo<'_>) -> Result<AuthorizedPeer> {
+        Ok(peer.validate())
+    }
+    fn blessings_for_peer(&self, _: &Principal, _: &[String]) -> Result<(Blessings, Discharges)> {
+        Ok((self.0.clone(), Discharges::new()))
+    }
+}
+
+#[tokio::test]
+async fn blessings_for_another_key_fail_authentication() {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let bob = Principal::with_self_blessing("bob").unwrap();
+    let victim = Principal::with_self_blessing("victim").unwrap();
+    let (d, a) = connect(
+        params(
+            &alice,
+            Arc::new(BorrowedBlessings(victim.default_blessings())),
+        ),
+        params(&bob, Arc::new(AllowEveryone)),
+    )
+    .await;
+    let err = a.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("holds key"), "{err}");
+    drop(d);
+}
+
+#[tokio::test]
+async fn handshake_times_out_when_nobody_answers() {
+    let (a, _b) = pipe();
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let mut p = params(&alice, Arc::new(AllowEveryone));
+    p.config.handshake_timeout = Duration::from_millis(50);
+    let err = Conn::dial(a, p, Endpoint::new("test", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+}
+
+#[tokio::test]
+async fn flows_echo_both_ways_with_io_traits() {
+    let (d, a) = pair().await;
+    let server = tokio::spawn(async move {
+        // Echo every accepted flow until the peer half-closes it.
+        for _ in 0..3 {
+            let flow = a.accept_flow().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = flow.into_split();
+                tokio::io::copy(&mut r, &mut w).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+        }
+        a
+    });
+    for i in 0..3u8 {
+        let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+        let payload = vec![i; 100_000 + i as usize];
+        flow.write_all(&payload).await.unwrap();
+        flow.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        flow.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, payload);
+        assert_eq!(flow.remote_blessings().names(), vec!["bob".to_string()]);
+    }
+    let a = server.await.unwrap();
+    // The acceptor can open flows back over the same connection.
+    let mut back = a.open_flow(FlowOptions::default()).unwrap();
+    back.write_msg_and_close(&[b"hello ", b"dialer"])
+        .await
+        .unwrap();
+    let mut got = d.accept_flow().await.unwrap();
+    let mut text = Vec::new();
+    while let Some(chunk) = got.read_msg().await.unwrap() {
+        text.extend_from_slice(&chunk);
+    }
+    assert_eq!(text, b"hello dialer");
+}
+
+#[tokio::test]
+async fn deadline_fails_pending_and_later_reads() {
+    let (d, a) = pair().await;
+    let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"x"]).await.unwrap();
+    let _accepted = a.accept_flow().await.unwrap();
+    flow.set_deadline(Some(Instant::now() + Duration::from_millis(30)));
+    let err = flow.read_msg().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    let err = flow.write_msg(&[b"y"]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    flow.set_deadline(None);
+    flow.write_msg(&[b"z"]).await.unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_connection_reaches_the_peer_with_its_reason() {
+    let (d, a) = pair().await;
+    let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"x"]).await.unwrap();
+    let mut accepted = a.accept_flow().await.unwrap();
+    assert_eq!(&accepted.read_msg().await.unwrap().unwrap()[..], b"x");
+    d.close("going away");
+    let reason = a.closed().await;
+    assert_eq!(reason.kind(), ErrorKind::Aborted);
+    assert!(reason.message().contains("going away"), "{reason}");
+    let err = accepted.read_msg().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Aborted);
+    assert!(d.open_flow(FlowOptions::default()).is_err());
+}
+
+#[tokio::test]
+async fn flow_closed_resolves_when_both_sides_are_done() {
+    let (d, a) = pair().await;
+    let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg_and_close(&[b"bye"]).await.unwrap();
+    let accepted = a.accept_flow().await.unwrap();
+    accepted.close_write();
+    within(flow.closed()).await;
+    assert!(d.is_idle() || !d.is_closed());
+}
+
+#[tokio::test]
+async fn lame_duck_then_idle_then_close() {
+    let (d, a) = pair().await;
+    let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"work"]).await.unwrap();
+    let accepted = a.accept_flow().await.unwrap();
+    a.enter_lame_duck();
+    within(a.lame_duck_acked()).await;
+    assert!(d.is_peer_lame_duck());
+    assert_eq!(
+        d.open_flow(FlowOptions::default()).unwrap_err().kind(),
+        ErrorKind::BadState
+    );
+    drop(flow);
+    drop(accepted);
+    within(a.idle()).await;
+    a.close("drained");
+    let reason = d.closed().await;
+    assert!(reason.message().contains("drained"));
+}

@@ -1,0 +1,477 @@
+//! [`Flow`]: the application's handle on one flow — an ordered,
+//! flow-controlled, authenticated byte stream.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use super::driver::Conn;
+use super::state::FlowId;
+use crate::naming::Endpoint;
+use crate::security::{Blessings, Discharges};
+use crate::{Error, ErrorKind, Result};
+
+/// What the halves of a flow share; dropping the last one closes the flow.
+struct FlowInner {
+    conn: Conn,
+    id: FlowId,
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Drop for FlowInner {
+    fn drop(&mut self) {
+        self.conn.shared.state.lock().drop_flow(self.id);
+    }
+}
+
+/// A half's timer for the flow deadline.
+#[derive(Default)]
+struct DeadlineTimer {
+    armed_for: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl DeadlineTimer {
+    /// `Err(Timeout)` once the deadline has passed; otherwise arms a timer
+    /// that wakes `cx` when it does.
+    fn check(&mut self, inner: &FlowInner, cx: &mut Context<'_>) -> Result<()> {
+        let Some(deadline) = *inner.deadline.lock() else {
+            self.armed_for = None;
+            self.sleep = None;
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::timeout("flow deadline passed"));
+        }
+        if self.armed_for != Some(deadline) {
+            self.armed_for = Some(deadline);
+            self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline.into())));
+        }
+        if let Some(sleep) = self.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            return Err(Error::timeout("flow deadline passed"));
+        }
+        Ok(())
+    }
+}
+
+fn io_error(err: Error) -> io::Error {
+    let kind = match err.kind() {
+        ErrorKind::Timeout => io::ErrorKind::TimedOut,
+        ErrorKind::BadState => io::ErrorKind::BrokenPipe,
+        ErrorKind::Canceled | ErrorKind::Aborted => io::ErrorKind::ConnectionAborted,
+        ErrorKind::BadArg => io::ErrorKind::InvalidInput,
+        _ => io::ErrorKind::ConnectionReset,
+    };
+    io::Error::new(kind, err)
+}
+
+/// The reading half of a flow.
+pub struct FlowReader {
+    inner: Arc<FlowInner>,
+    timer: DeadlineTimer,
+}
+
+/// The writing half of a flow.
+pub struct FlowWriter {
+    inner: Arc<FlowInner>,
+    timer: DeadlineTimer,
+}
+
+/// One flow: an ordered, flow-controlled, authenticated byte stream
+/// multiplexed on a [`Conn`].
+///
+/// Implements [`AsyncRead`] and [`AsyncWrite`]; [`Flow::read_msg`] and
+/// [`Flow::write_msg`] work in whole chunks. [`Flow::into_split`] gives
+/// halves usable from different tasks without a lock between them. Dropping
+/// the flow (every half) closes it.
+pub struct Flow {
+    reader: FlowReader,
+    writer: FlowWriter,
+}
+
+impl std::fmt::Debug for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flow")
+            .field("id", &self.reader.inner.id)
+            .field("conn", &self.reader.inner.conn)
+            .finish()
+    }
+}
+
+impl Flow {
+    pub(crate) fn new(conn: Conn, id: FlowId) -> Flow {
+        let inner = Arc::new(FlowInner {
+            conn,
+            id,
+            deadline: Mutex::new(None),
+        });
+        Flow {
+            reader: FlowReader {
+                inner: inner.clone(),
+                timer: DeadlineTimer::default(),
+            },
+            writer: FlowWriter {
+                inner,
+                timer: DeadlineTimer::default(),
+            },
+        }
+    }
+
+    /// Splits into owned halves for different tasks.
+    pub fn into_split(self) -> (FlowReader, FlowWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Reads the next chunk as sent (chunk boundaries are those of the
+    /// sender's messages only with fragmentation disabled); `Ok(None)` once
+    /// the peer closed its side.
+    pub async fn read_msg(&mut self) -> Result<Option<Bytes>> {
+        self.reader.read_msg().await
+    }
+
+    /// Writes all of `bufs`, in order.
+    pub async fn write_msg(&mut self, bufs: &[&[u8]]) -> Result<()> {
+        self.writer.write_msg(bufs).await
+    }
+
+    /// Writes all of `bufs` and half-closes the flow.
+    pub async fn write_msg_and_close(&mut self, bufs: &[&[u8]]) -> Result<()> {
+        self.writer.write_msg_and_close(bufs).await
+    }
+
+    /// Waits until what was written is in frames (and the flow is open on
+    /// the wire, even if nothing was written).
+    pub async fn flush(&mut self) -> Result<()> {
+        self.writer.flush_flow().await
+    }
+
+    /// Half-closes: the peer reads the end of the flow after what was
+    /// written. Reading goes on.
+    pub fn close_write(&self) {
+        self.writer.close_write();
+    }
+
+    /// Closes the flow: no more writes, unread and later bytes are dropped.
+    pub fn close(&self) {
+        let inner = &self.reader.inner;
+        inner.conn.shared.state.lock().close_flow(inner.id);
+    }
+
+    /// Resolves when the flow is closed both ways (or its connection closed).
+    pub async fn closed(&self) {
+        let inner = &self.reader.inner;
+        poll_fn(|cx| {
+            inner
+                .conn
+                .shared
+                .state
+                .lock()
+                .poll_flow_closed(cx, inner.id)
+        })
+        .await
+    }
+
+    /// Makes pending and later reads and writes fail with `Timeout` from
+    /// `deadline` on; `None` removes the deadline.
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        *self.reader.inner.deadline.lock() = deadline;
+        // Wake both halves so they re-arm their timers.
+        let inner = &self.reader.inner;
+        inner.conn.shared.state.lock().wake_flow(inner.id);
+    }
+
+    /// Sends every later write as exactly one message, never split (for
+    /// carrying another connection's frames).
+    pub fn disable_fragmentation(&self) -> Result<()> {
+        let inner = &self.reader.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .disable_fragmentation(inner.id)
+    }
+
+    /// Sends payloads without encrypting them again: they are end-to-end
+    /// encrypted already (proxied connections). Implies
+    /// [`Flow::disable_fragmentation`].
+    pub fn set_passthrough(&self) -> Result<()> {
+        let inner = &self.reader.inner;
+        inner.conn.shared.state.lock().set_passthrough(inner.id)
+    }
+
+    /// The connection this flow is multiplexed on.
+    pub fn conn(&self) -> &Conn {
+        &self.reader.inner.conn
+    }
+
+    /// This side's endpoint.
+    pub fn local_endpoint(&self) -> &Endpoint {
+        self.conn().local_endpoint()
+    }
+
+    /// The peer's endpoint.
+    pub fn remote_endpoint(&self) -> &Endpoint {
+        self.conn().remote_endpoint()
+    }
+
+    /// The blessings the peer presented on this flow.
+    pub fn remote_blessings(&self) -> Blessings {
+        let inner = &self.reader.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .flow_remote_credentials(inner.id)
+            .0
+    }
+
+    /// The discharges the peer presented on this flow.
+    pub fn remote_discharges(&self) -> Discharges {
+        let inner = &self.reader.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .flow_remote_credentials(inner.id)
+            .1
+    }
+
+    /// The blessings this side presented on this flow.
+    pub fn local_blessings(&self) -> Blessings {
+        let inner = &self.reader.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .flow_local_credentials(inner.id)
+            .0
+    }
+
+    /// The discharges this side presented on this flow.
+    pub fn local_discharges(&self) -> Discharges {
+        let inner = &self.reader.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .flow_local_credentials(inner.id)
+            .1
+    }
+
+    /// Whether this flow is a side channel.
+    pub fn is_side_channel(&self) -> bool {
+        let inner = &self.reader.inner;
+        inner.conn.shared.state.lock().is_side_channel(inner.id)
+    }
+}
+
+impl FlowReader {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<Result<Option<Bytes>>> {
+        if let Err(e) = self.timer.check(&self.inner, cx) {
+            return Poll::Ready(Err(e));
+        }
+        let inner = &self.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .poll_read(cx, Instant::now(), inner.id, max)
+    }
+
+    /// See [`Flow::read_msg`].
+    pub async fn read_msg(&mut self) -> Result<Option<Bytes>> {
+        poll_fn(|cx| self.poll_chunk(cx, usize::MAX)).await
+    }
+
+    /// The connection this flow is on.
+    pub fn conn(&self) -> &Conn {
+        &self.inner.conn
+    }
+}
+
+impl FlowWriter {
+    fn poll_write_bufs(&mut self, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
+        if let Err(e) = self.timer.check(&self.inner, cx) {
+            return Poll::Ready(Err(e));
+        }
+        let inner = &self.inner;
+        inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .poll_write(cx, inner.id, bufs)
+    }
+
+    fn poll_flush_flow(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if let Err(e) = self.timer.check(&self.inner, cx) {
+            return Poll::Ready(Err(e));
+        }
+        let inner = &self.inner;
+        inner.conn.shared.state.lock().poll_flush(cx, inner.id)
+    }
+
+    /// See [`Flow::write_msg`].
+    pub async fn write_msg(&mut self, bufs: &[&[u8]]) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            poll_fn(|cx| self.poll_write_bufs(cx, bufs)).await?;
+            return Ok(());
+        }
+        let mut written = 0;
+        let mut parts: Vec<&[u8]> = bufs.to_vec();
+        while written < total {
+            let n = poll_fn(|cx| self.poll_write_bufs(cx, &parts)).await?;
+            written += n;
+            advance(&mut parts, n);
+        }
+        Ok(())
+    }
+
+    /// See [`Flow::write_msg_and_close`].
+    pub async fn write_msg_and_close(&mut self, bufs: &[&[u8]]) -> Result<()> {
+        self.write_msg(bufs).await?;
+        self.close_write();
+        Ok(())
+    }
+
+    async fn flush_flow(&mut self) -> Result<()> {
+        poll_fn(|cx| self.poll_flush_flow(cx)).await
+    }
+
+    /// See [`Flow::close_write`].
+    pub fn close_write(&self) {
+        let inner = &self.inner;
+        inner.conn.shared.state.lock().close_write(inner.id);
+    }
+
+    /// The connection this flow is on.
+    pub fn conn(&self) -> &Conn {
+        &self.inner.conn
+    }
+}
+
+fn advance(parts: &mut Vec<&[u8]>, mut n: usize) {
+    while n > 0 {
+        let Some(first) = parts.first_mut() else {
+            return;
+        };
+        if first.len() <= n {
+            n -= first.len();
+            parts.remove(0);
+        } else {
+            *first = &first[n..];
+            n = 0;
+        }
+    }
+}
+
+impl AsyncRead for FlowReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(this.poll_chunk(cx, buf.remaining())) {
+            Ok(Some(chunk)) => {
+                buf.put_slice(&chunk);
+                Poll::Ready(Ok(()))
+            }
+            Ok(None) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(io_error(e))),
+        }
+    }
+}
+
+impl AsyncWrite for FlowWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_bufs(cx, &[buf]).map_err(io_error)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let parts: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
+        self.get_mut().poll_write_bufs(cx, &parts).map_err(io_error)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_flow(cx).map_err(io_error)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.close_write();
+        this.poll_flush_flow(cx).map_err(io_error)
+    }
+}
+
+impl AsyncRead for Flow {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().reader).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Flow {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().writer).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().writer).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,622 @@
+//! The handshake: Noise NN for keys, then channel binding for identities.
+//!
+//! ```text
+//! dialer   -> "FL" suite | Noise e            , payload: dialer Setup (cleartext)
+//! acceptor -> Noise e, ee                      , payload: acceptor Setup (encrypted)
+//! acceptor -> sealed frame: Blessings, [Discharges], Auth(key || sig(acceptor tag || h))
+//! dialer   -> sealed frame: Blessings, [Discharges], Auth(key || sig(dialer tag || h)),
+//!             then at once its first OpenFlow/Data (same frame when possible)
+//! ```
+//!
+//! `h` is the Noise handshake hash, so each signature binds an identity to
+//! this very channel. The dialer checks the acceptor's signature, blessings
+//! and its `PeerAuthorizer` before revealing anything of its own. Like the
+//! multiplexer, the handshake is sans-I/O: it is fed frames and times and
+//! answers with frames.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flow_message::codec::Reader;
+use flow_message::{Auth, BlessingsMsg, DischargesMsg, Message, Setup, VersionRange};
+
+use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
+use super::config::ConnConfig;
+use super::state::{CONN_BLESSINGS_KEY, Established, NO_DISCHARGES_KEY, Role};
+use crate::auth::{AuthorizedPeer, PeerAuthorizer, PeerInfo};
+use crate::naming::Endpoint;
+use crate::security::{
+    Blessings, Discharges, PUBLIC_KEY_LEN, Principal, PublicKey, SIGNATURE_LEN, Signature,
+};
+use crate::{Error, ErrorKind, Result};
+
+/// Protocol versions this build speaks.
+pub const SUPPORTED_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+
+/// First bytes of a dialer's first frame.
+const MAGIC: &[u8; 2] = b"FL";
+/// What the acceptor signs, before the handshake hash.
+const ACCEPTOR_TAG: &[u8] = b"flow/v1 acceptor channel binding\0";
+/// What the dialer signs, before the handshake hash.
+const DIALER_TAG: &[u8] = b"flow/v1 dialer channel binding\0";
+/// Largest Noise message.
+const NOISE_MAX: usize = 65_535;
+/// Smallest frame a peer may ask for.
+const MIN_MTU: u64 = 4096;
+
+/// What either side brings to a handshake.
+#[derive(Clone)]
+pub struct HandshakeParams {
+    /// Limits and tunables.
+    pub config: ConnConfig,
+    /// This side's identity.
+    pub principal: Principal,
+    /// Decides whether to trust the peer and what blessings to show it.
+    pub authorizer: Arc<dyn PeerAuthorizer>,
+    /// This side's endpoint (its routing id and names).
+    pub local_endpoint: Endpoint,
+    /// Largest frame the transport carries.
+    pub transport_max_frame: usize,
+}
+
+impl std::fmt::Debug for HandshakeParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeParams")
+            .field("local_endpoint", &self.local_endpoint)
+            .field("authorizer", &self.authorizer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A finished handshake: what the multiplexer starts from, the frame
+/// ciphers, and who is on the other end.
+#[derive(Debug)]
+pub struct HandshakeDone {
+    /// Start state for the multiplexer.
+    pub established: Established,
+    /// Messages this side must send first (the dialer's channel binding).
+    pub initial_messages: Vec<Message>,
+    /// Seals this side's frames.
+    pub sealer: FrameSealer,
+    /// Opens the peer's frames.
+    pub opener: FrameOpener,
+    /// This side's endpoint.
+    pub local_endpoint: Endpoint,
+    /// The peer's endpoint (its routing id as it announced it).
+    pub remote_endpoint: Endpoint,
+    /// The endpoint the dialer asked for (acceptor side; for proxies).
+    pub requested_endpoint: Option<Endpoint>,
+    /// The peer's names that this side's authorizer accepted.
+    pub authorized: AuthorizedPeer,
+    /// Plaintext that followed the dialer's binding in its frame (acceptor
+    /// side), with the length of its encrypted part.
+    pub leftover: Option<(Bytes, usize)>,
+}
+
+fn noise_builder(suite: Suite) -> Result<snow::Builder<'static>> {
+    let params = suite
+        .noise_pattern()
+        .parse()
+        .map_err(|e| Error::with_source(ErrorKind::BadState, "noise pattern", e))?;
+    Ok(snow::Builder::new(params))
+}
+
+fn noise_err(what: &str, err: snow::Error) -> Error {
+    Error::with_source(
+        ErrorKind::Auth,
+        format!("noise handshake failed: {what}"),
+        err,
+    )
+}
+
+fn local_setup(params: &HandshakeParams, remote: Option<&Endpoint>) -> Setup {
+    Setup {
+        versions: SUPPORTED_VERSIONS,
+        mtu: Some(receive_mtu(params) as u64),
+        shared_tokens: Some(params.config.shared_tokens),
+        initial_window: Some(params.config.initial_window),
+        peer_remote_endpoint: remote.map(ToString::to_string),
+        peer_local_endpoint: Some(params.local_endpoint.to_string()),
+        unknown_options: Vec::new(),
+    }
+}
+
+fn receive_mtu(params: &HandshakeParams) -> usize {
+    params
+        .config
+        .max_frame
+        .min(params.transport_max_frame.saturating_sub(FRAME_OVERHEAD))
+}
+
+fn encode_setup(setup: Setup) -> BytesMut {
+    let mut buf = BytesMut::new();
+    Message::Setup(setup).encode(&mut buf);
+    buf
+}
+
+fn decode_setup(payload: Bytes) -> Result<Setup> {
+    let mut r = Reader::new(payload, "Setup");
+    match Message::decode(&mut r) {
+        Ok(Message::Setup(setup)) if r.is_empty() => Ok(setup),
+        Ok(other) => Err(Error::bad_arg(format!(
+            "handshake expected Setup, got {}",
+            other.name()
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn parse_endpoint(s: Option<&String>, field: &str) -> Result<Option<Endpoint>> {
+    match s {
+        None => Ok(None),
+        Some(s) => Endpoint::parse(s)
+            .map(Some)
+            .map_err(|e| e.context(format!("peer's setup {field}"))),
+    }
+}
+
+/// Settles version and frame size from the two setups.
+fn negotiate(params: &HandshakeParams, peer: &Setup) -> Result<(u32, usize)> {
+    let version = SUPPORTED_VERSIONS.common(peer.versions).ok_or_else(|| {
+        Error::bad_arg(format!(
+            "no common protocol version: this side speaks {}..={}, the peer {}..={}",
+            SUPPORTED_VERSIONS.min, SUPPORTED_VERSIONS.max, peer.versions.min, peer.versions.max
+        ))
+    })?;
+    let peer_mtu = peer.mtu.unwrap_or(MIN_MTU);
+    if peer_mtu < MIN_MTU {
+        return Err(Error::bad_arg(format!(
+            "peer accepts frames of only {peer_mtu} bytes (at least {MIN_MTU} needed)"
+        )));
+    }
+    let local_limit = params.transport_max_frame.saturating_sub(FRAME_OVERHEAD);
+    let max_frame = usize::try_from(peer_mtu)
+        .unwrap_or(usize::MAX)
+        .min(local_limit);
+    Ok((version, max_frame))
+}
+
+/// The Blessings, Discharges and Auth messages binding `principal` to the
+/// channel whose handshake hash is `hash`.
+fn binding_messages(
+    principal: &Principal,
+    blessings: &Blessings,
+    discharges: &Discharges,
+    tag: &[u8],
+    hash: &[u8],
+) -> Vec<Message> {
+    let mut signed = Vec::with_capacity(tag.len() + hash.len());
+    signed.extend_from_slice(tag);
+    signed.extend_from_slice(hash);
+    let signature = principal.sign(&signed);
+    let mut binding = BytesMut::with_capacity(PUBLIC_KEY_LEN + SIGNATURE_LEN);
+    binding.put_slice(principal.public_key().as_bytes());
+    binding.put_slice(signature.as_bytes());
+    let mut msgs = vec![Message::Blessings(BlessingsMsg {
+        key: CONN_BLESSINGS_KEY,
+        bytes: blessings.to_bytes(),
+    })];
+    let discharge_key = if discharges.is_empty() {
+        NO_DISCHARGES_KEY
+    } else {
+        msgs.push(Message::Discharges(DischargesMsg {
+            key: CONN_BLESSINGS_KEY,
+            blessings_key: CONN_BLESSINGS_KEY,
+            bytes: discharges.to_bytes(),
+        }));
+        CONN_BLESSINGS_KEY
+    };
+    msgs.push(Message::Auth(Auth {
+        blessings_key: CONN_BLESSINGS_KEY,
+        discharge_key,
+        channel_binding: binding.freeze(),
+    }));
+    msgs
+}
+
+/// A peer's identity as proven by its binding messages.
+struct PeerIdentity {
+    blessings: Blessings,
+    discharges: Discharges,
+}
+
+/// Reads the peer's Blessings, [Discharges] and Auth from the front of `r`
+/// and checks the signature over `tag || hash`.
+fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity> {
+    let mut blessings = None;
+    let mut discharges = Discharges::new();
+    loop {
+        if r.is_empty() {
+            return Err(Error::auth("peer's channel binding is missing"));
+        }
+        let msg = Message::decode(r)?;
+        match msg {
+            Message::Blessings(b) if blessings.is_none() && b.key == CONN_BLESSINGS_KEY => {
+                blessings = Some(Blessings::decode(b.bytes)?);
+            }
+            Message::Discharges(d) if d.key == CONN_BLESSINGS_KEY => {
+                discharges = Discharges::decode(d.bytes)?;
+            }
+            Message::Auth(auth) => {
+                let Some(blessings) = blessings else {
+                    return Err(Error::auth("peer sent Auth before its blessings"));
+                };
+                if auth.blessings_key != CONN_BLESSINGS_KEY {
+                    return Err(Error::auth("peer's Auth names unknown blessings"));
+                }
+                verify_binding(&auth.channel_binding, &blessings, tag, hash)?;
+                return Ok(PeerIdentity {
+                    blessings,
+                    discharges,
+                });
+            }
+            other => {
+                return Err(Error::auth(format!(
+                    "unexpected {} during the handshake",
+                    other.name()
+                )));
+            }
+        }
+    }
+}
+
+fn verify_binding(binding: &[u8], blessings: &Blessings, tag: &[u8], hash: &[u8]) -> Result<()> {
+    if binding.len() != PUBLIC_KEY_LEN + SIGNATURE_LEN {
+        return Err(Error::auth(format!(
+            "channel binding of {} bytes (want {})",
+            binding.len(),
+            PUBLIC_KEY_LEN + SIGNATURE_LEN
+        )));
+    }
+    let mut key = [0u8; PUBLIC_KEY_LEN];
+    key.copy_from_slice(&binding[..PUBLIC_KEY_LEN]);
+    let key = PublicKey::from_bytes(&key)?;
+    let mut sig = [0u8; SIGNATURE_LEN];
+    sig.copy_from_slice(&binding[PUBLIC_KEY_LEN..]);
+    let mut signed = Vec::with_capacity(tag.len() + hash.len());
+    signed.extend_from_slice(tag);
+    signed.extend_from_slice(hash);
+    key.verify(&signed, &Signature(sig))
+        .map_err(|_| Error::auth("peer's channel binding signature does not verify"))?;
+    if let Some(bkey) = blessings.public_key()
+        && bkey != key
+    {
+        return Err(Error::auth(format!(
+            "peer presented blessings for key {bkey} but holds key {key}"
+        )));
+    }
+    blessings.verify_signatures()?;
+    Ok(())
+}
+
+fn authorize(
+    params: &HandshakeParams,
+    remote_endpoint: &Endpoint,
+    peer: &PeerIdentity,
+    wall: SystemTime,
+) -> Result<AuthorizedPeer> {
+    params.authorizer.authorize_peer(&PeerInfo {
+        principal: &params.principal,
+        local_endpoint: &params.local_endpoint,
+        remote_endpoint,
+        remote_blessings: &peer.blessings,
+        remote_discharges: &peer.discharges,
+        now: wall,
+    })
+}
+
+fn split_keys(
+    noise: &mut snow::HandshakeState,
+    suite: Suite,
+    role: Role,
+) -> Result<(FrameSealer, FrameOpener)> {
+    let (initiator_key, responder_key) = noise.dangerously_get_raw_split();
+    let (send, recv) = match role {
+        Role::Dialer => (initiator_key, responder_key),
+        Role::Acceptor => (responder_key, initiator_key),
+    };
+    Ok((
+        FrameSealer::new(suite, &send)?,
+        FrameOpener::new(suite, &recv)?,
+    ))
+}
+
+/// The dialing side of a handshake.
+pub struct Dialer {
+    params: HandshakeParams,
+    remote: Endpoint,
+    suite: Suite,
+    noise: snow::HandshakeState,
+    sent_at: Instant,
+    /// Filled by [`Dialer::on_response`].
+    answer: Option<DialerAnswer>,
+}
+
+struct DialerAnswer {
+    setup: Setup,
+    version: u32,
+    max_frame: usize,
+    rtt: Duration,
+    hash: Vec<u8>,
+    sealer: FrameSealer,
+    opener: FrameOpener,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("remote", &self.remote)
+            .field("suite", &self.suite)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dialer {
+    /// Starts a handshake to `remote`; returns the first frame to send.
+    pub fn start(
+        params: HandshakeParams,
+        remote: Endpoint,
+        now: Instant,
+    ) -> Result<(Dialer, Bytes)> {
+        let suite = Suite::preferred();
+        let mut noise = noise_builder(suite)?
+            .build_initiator()
+            .map_err(|e| noise_err("initiator", e))?;
+        let payload = encode_setup(local_setup(&params, Some(&remote)));
+        let mut frame = vec![0u8; MAGIC.len() + 1 + NOISE_MAX];
+        frame[..2].copy_from_slice(MAGIC);
+        frame[2] = suite.id();
+        let n = noise
+            .write_message(&payload, &mut frame[3..])
+            .map_err(|e| noise_err("writing the first message", e))?;
+        frame.truncate(3 + n);
+        Ok((
+            Dialer {
+                params,
+                remote,
+                suite,
+                noise,
+                sent_at: now,
+                answer: None,
+            },
+            Bytes::from(frame),
+        ))
+    }
+
+    /// Takes the acceptor's Noise answer.
+    pub fn on_response(&mut self, frame: BytesMut, now: Instant) -> Result<()> {
+        if self.answer.is_some() {
+            return Err(Error::bad_state("handshake response received twice"));
+        }
+        let mut payload = vec![0u8; frame.len()];
+        let n = self
+            .noise
+            .read_message(&frame, &mut payload)
+            .map_err(|e| noise_err("reading the acceptor's answer", e))?;
+        payload.truncate(n);
+        let setup = decode_setup(Bytes::from(payload))?;
+        let (version, max_frame) = negotiate(&self.params, &setup)?;
+        let hash = self.noise.get_handshake_hash().to_vec();
+        let (sealer, opener) = split_keys(&mut self.noise, self.suite, Role::Dialer)?;
+        self.answer = Some(DialerAnswer {
+            setup,
+            version,
+            max_frame,
+            rtt: now.saturating_duration_since(self.sent_at),
+            hash,
+            sealer,
+            opener,
+        });
+        Ok(())
+    }
+
+    /// Takes the acceptor's sealed binding frame; checks and authorizes the
+    /// acceptor and prepares this side's binding.
+    pub fn on_binding(self, frame: BytesMut, wall: SystemTime) -> Result<HandshakeDone> {
+        let Some(mut answer) = self.answer else {
+            return Err(Error::bad_state("handshake binding before the response"));
+        };
+        let (plain, _) = answer.opener.open(frame)?;
+        let mut r = Reader::new(plain, "Frame");
+        let peer = read_binding(&mut r, ACCEPTOR_TAG, &answer.hash)?;
+        if !r.is_empty() {
+            return Err(Error::auth("acceptor sent more than its binding"));
+        }
+        let announced =
+            parse_endpoint(answer.setup.peer_local_endpoint.as_ref(), "local endpoint")?;
+        let remote_endpoint = match announced {
+            // Keep the address we dialed; learn the routing id and names.
+            Some(ep) => self
+                .remote
+                .clone()
+                .with_routing_id(ep.routing_id())
+                .with_blessing_names(ep.blessing_names().iter().cloned())?,
+            None => self.remote.clone(),
+        };
+        let authorized = authorize(&self.params, &remote_endpoint, &peer, wall)?;
+        let (blessings, discharges) = self
+            .params
+            .authorizer
+            .blessings_for_peer(&self.params.principal, &authorized.names)?;
+        let initial_messages = binding_messages(
+            &self.params.principal,
+            &blessings,
+            &discharges,
+            DIALER_TAG,
+            &answer.hash,
+        );
+        Ok(HandshakeDone {
+            established: Established {
+                role: Role::Dialer,
+                version: answer.version,
+                max_frame: answer.max_frame,
+                peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
+                rtt: answer.rtt,
+                local_blessings: blessings,
+                local_discharges: discharges,
+                remote_blessings: peer.blessings,
+                remote_discharges: peer.discharges,
+            },
+            initial_messages,
+            sealer: answer.sealer,
+            opener: answer.opener,
+            local_endpoint: self.params.local_endpoint.clone(),
+            remote_endpoint,
+            requested_endpoint: None,
+            authorized,
+            leftover: None,
+        })
+    }
+}
+
+/// The accepting side of a handshake.
+pub struct Acceptor {
+    params: HandshakeParams,
+    answered: Option<AcceptorAnswer>,
+}
+
+struct AcceptorAnswer {
+    setup: Setup,
+    version: u32,
+    max_frame: usize,
+    hash: Vec<u8>,
+    sent_at: Instant,
+    sealer: FrameSealer,
+    opener: FrameOpener,
+    blessings: Blessings,
+    discharges: Discharges,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("local", &self.params.local_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// A handshake waiting for a dialer's first frame.
+    pub fn new(params: HandshakeParams) -> Acceptor {
+        Acceptor {
+            params,
+            answered: None,
+        }
+    }
+
+    /// Takes the dialer's first frame; returns the Noise answer and the
+    /// sealed binding frame, to send together.
+    pub fn on_hello(&mut self, frame: BytesMut, now: Instant) -> Result<[Bytes; 2]> {
+        if self.answered.is_some() {
+            return Err(Error::bad_state("handshake hello received twice"));
+        }
+        if frame.len() < 3 || &frame[..2] != MAGIC {
+            return Err(Error::bad_arg("not a flow handshake (bad magic)"));
+        }
+        let suite = Suite::from_id(frame[2])
+            .ok_or_else(|| Error::bad_arg(format!("unknown cipher suite {}", frame[2])))?;
+        let mut noise = noise_builder(suite)?
+            .build_responder()
+            .map_err(|e| noise_err("responder", e))?;
+        let mut payload = vec![0u8; frame.len()];
+        let n = noise
+            .read_message(&frame[3..], &mut payload)
+            .map_err(|e| noise_err("reading the dialer's hello", e))?;
+        payload.truncate(n);
+        let setup = decode_setup(Bytes::from(payload))?;
+        let (version, max_frame) = negotiate(&self.params, &setup)?;
+        let our_setup = encode_setup(local_setup(&self.params, None));
+        let mut answer = vec![0u8; NOISE_MAX];
+        let n = noise
+            .write_message(&our_setup, &mut answer)
+            .map_err(|e| noise_err("writing the answer", e))?;
+        answer.truncate(n);
+        let hash = noise.get_handshake_hash().to_vec();
+        let (mut sealer, opener) = split_keys(&mut noise, suite, Role::Acceptor)?;
+        let (blessings, discharges) = self
+            .params
+            .authorizer
+            .blessings_for_peer(&self.params.principal, &[])?;
+        let binding = binding_messages(
+            &self.params.principal,
+            &blessings,
+            &discharges,
+            ACCEPTOR_TAG,
+            &hash,
+        );
+        let mut plain = BytesMut::new();
+        flow_message::encode_frame(&binding, &mut plain);
+        let binding_frame = sealer.seal_to_bytes(&plain)?;
+        self.answered = Some(AcceptorAnswer {
+            setup,
+            version,
+            max_frame,
+            hash,
+            sent_at: now,
+            sealer,
+            opener,
+            blessings,
+            discharges,
+        });
+        Ok([Bytes::from(answer), binding_frame])
+    }
+
+    /// Takes the dialer's sealed binding frame; checks the dialer and runs
+    /// this side's authorizer. What followed the binding in the frame is
+    /// returned in [`HandshakeDone::leftover`].
+    pub fn on_binding(
+        self,
+        frame: BytesMut,
+        now: Instant,
+        wall: SystemTime,
+        remote_addr: &str,
+    ) -> Result<HandshakeDone> {
+        let Some(mut answer) = self.answered else {
+            return Err(Error::bad_state("handshake binding before the hello"));
+        };
+        let (plain, encrypted_len) = answer.opener.open(frame)?;
+        let mut r = Reader::new(plain.clone(), "Frame");
+        let peer = read_binding(&mut r, DIALER_TAG, &answer.hash)?;
+        let consumed = r.position();
+        let announced =
+            parse_endpoint(answer.setup.peer_local_endpoint.as_ref(), "local endpoint")?;
+        let requested = parse_endpoint(
+            answer.setup.peer_remote_endpoint.as_ref(),
+            "remote endpoint",
+        )?;
+        let remote_endpoint = match announced {
+            Some(ep) if ep.address().is_empty() => ep.with_address(remote_addr),
+            Some(ep) => ep,
+            None => Endpoint::new("", remote_addr),
+        };
+        let authorized = authorize(&self.params, &remote_endpoint, &peer, wall)?;
+        let leftover = (consumed < plain.len()).then(|| {
+            (
+                plain.slice(consumed..),
+                encrypted_len.saturating_sub(consumed),
+            )
+        });
+        Ok(HandshakeDone {
+            established: Established {
+                role: Role::Acceptor,
+                version: answer.version,
+                max_frame: answer.max_frame,
+                peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
+                rtt: now.saturating_duration_since(answer.sent_at),
+                local_blessings: answer.blessings,
+                local_discharges: answer.discharges,
+                remote_blessings: peer.blessings,
+                remote_discharges: peer.discharges,
+            },
+            initial_messages: Vec::new(),
+            sealer: answer.sealer,
+            opener: answer.opener,
+            local_endpoint: self.params.local_endpoint.clone(),
+            remote_endpoint,
+            requested_endpoint: requested,
+            authorized,
+            leftover,
+        })
+    }
+}
