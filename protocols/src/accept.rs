@@ -44,6 +44,43 @@ pub(crate) trait RawAccept: Send + 'static {
     fn accept_raw(&mut self) -> impl Future<Output = io::Result<(Self::Io, String)>> + Send;
 }
 
+/// A listening socket shared by the accept task and the listener's close:
+/// the task polls it under a short lock, and close takes it out and drops
+/// it, so the socket stops accepting as soon as close returns rather than
+/// whenever the aborted task is next dropped.
+pub(crate) struct SocketSlot<L>(Arc<Mutex<Option<L>>>);
+
+impl<L> Clone for SocketSlot<L> {
+    fn clone(&self) -> Self {
+        SocketSlot(self.0.clone())
+    }
+}
+
+impl<L: Send + 'static> SocketSlot<L> {
+    /// A slot holding `socket`.
+    pub(crate) fn new(socket: L) -> Self {
+        SocketSlot(Arc::new(Mutex::new(Some(socket))))
+    }
+
+    /// Polls the socket with `poll`; once closed, fails with `EBADF`, which
+    /// stops the accept task.
+    pub(crate) fn poll_with<T>(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(&L, &mut std::task::Context<'_>) -> std::task::Poll<io::Result<T>>,
+    ) -> std::task::Poll<io::Result<T>> {
+        match lock(&self.0).as_ref() {
+            Some(socket) => poll(socket, cx),
+            None => std::task::Poll::Ready(Err(io::Error::from_raw_os_error(libc::EBADF))),
+        }
+    }
+
+    /// Drops the socket.
+    pub(crate) fn close(&self) {
+        drop(lock(&self.0).take());
+    }
+}
+
 /// Turns a raw accepted stream into a framed connection (socket options,
 /// handshakes). Runs in its own task under the handshake timeout.
 pub(crate) type Upgrade<Io> =

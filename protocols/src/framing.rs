@@ -53,6 +53,7 @@ pub(crate) struct StreamReader<R> {
 
 impl<R: AsyncRead + Unpin> StreamReader<R> {
     /// A reader over `io`, naming the connection `label` in errors.
+    #[cfg(test)]
     pub(crate) fn new(io: R, label: Arc<str>) -> Self {
         Self::with_buffered(io, BytesMut::new(), label)
     }

@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::accept::{QueueListener, RawAccept, Upgrade};
+use crate::accept::{QueueListener, RawAccept, SocketSlot, Upgrade};
 use crate::framing::StreamConn;
 
 /// `TCP_NOTSENT_LOWAT` for every tcp socket (Linux): the kernel reports the
@@ -222,31 +222,19 @@ pub(crate) async fn bind(protocol: &str, address: &str) -> Result<TcpListener> {
 }
 
 /// Accepts raw tcp streams for the background accept task.
-pub(crate) struct TcpAccept(pub(crate) TcpListener);
+pub(crate) struct TcpAccept(pub(crate) SocketSlot<TcpListener>);
 
 impl RawAccept for TcpAccept {
     type Io = TcpStream;
 
     fn accept_raw(&mut self) -> impl Future<Output = io::Result<(TcpStream, String)>> + Send {
-        async move {
-            let (stream, peer) = self.0.accept().await?;
-            Ok((stream, peer.to_string()))
-        }
-    }
-}
-
-/// What a socket listener does on close: shut the listening socket down
-/// through a duplicate descriptor, so new connections are refused at once
-/// even before the accept task has been dropped.
-pub(crate) fn shutdown_on_close(fd: impl std::os::fd::AsFd) -> Option<Box<dyn FnOnce() + Send>> {
-    match fd.as_fd().try_clone_to_owned() {
-        Ok(dup) => Some(Box::new(move || {
-            let _ = SockRef::from(&dup).shutdown(std::net::Shutdown::Both);
-        })),
-        Err(err) => {
-            tracing::debug!(error = %err, "could not duplicate listening socket");
-            None
-        }
+        std::future::poll_fn(|cx| {
+            self.0.poll_with(cx, |listener, cx| {
+                listener
+                    .poll_accept(cx)
+                    .map_ok(|(stream, peer)| (stream, peer.to_string()))
+            })
+        })
     }
 }
 
@@ -286,15 +274,19 @@ pub(crate) async fn listen_with(
         .local_addr()
         .map_err(|e| crate::framing::io_error(protocol, "local address", e))?
         .to_string();
-    let on_close = shutdown_on_close(&listener);
+    let slot = SocketSlot::new(listener);
+    let on_close = {
+        let slot = slot.clone();
+        Box::new(move || slot.close())
+    };
     let label = format!("{protocol} {local}");
     Ok(Box::new(QueueListener::spawn(
-        TcpAccept(listener),
+        TcpAccept(slot),
         upgrade,
         label,
         local,
         crate::HANDSHAKE_TIMEOUT,
-        on_close,
+        Some(on_close),
     )))
 }
 

@@ -26,7 +26,7 @@ use flow::{Error, ErrorKind, Result};
 use futures::future::BoxFuture;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::accept::{QueueListener, RawAccept, Upgrade};
+use crate::accept::{QueueListener, RawAccept, SocketSlot, Upgrade};
 use crate::framing::StreamConn;
 
 /// How long listen waits when probing whether an existing socket file is
@@ -151,16 +151,19 @@ async fn clear_stale(protocol: &str, address: &str, path: &Path) -> Result<()> {
     }
 }
 
-struct UnixAccept(UnixListener);
+struct UnixAccept(SocketSlot<UnixListener>);
 
 impl RawAccept for UnixAccept {
     type Io = UnixStream;
 
     fn accept_raw(&mut self) -> impl Future<Output = io::Result<(UnixStream, String)>> + Send {
-        async move {
-            let (stream, peer) = self.0.accept().await?;
-            Ok((stream, describe(&peer)))
-        }
+        std::future::poll_fn(|cx| {
+            self.0.poll_with(cx, |listener, cx| {
+                listener
+                    .poll_accept(cx)
+                    .map_ok(|(stream, peer)| (stream, describe(&peer)))
+            })
+        })
     }
 }
 
@@ -186,12 +189,11 @@ async fn listen(protocol: &str, address: &str) -> Result<Box<dyn Listener>> {
             .ok()
             .map(|m| (m.dev(), m.ino()))
     };
-    let shutdown = crate::tcp::shutdown_on_close(&listener);
+    let slot = SocketSlot::new(listener);
+    let socket = slot.clone();
     let file = path.clone();
     let on_close: Box<dyn FnOnce() + Send> = Box::new(move || {
-        if let Some(shutdown) = shutdown {
-            shutdown();
-        }
+        socket.close();
         if let Some(identity) = identity
             && let Ok(meta) = std::fs::symlink_metadata(&file)
             && (meta.dev(), meta.ino()) == identity
@@ -207,7 +209,7 @@ async fn listen(protocol: &str, address: &str) -> Result<Box<dyn Listener>> {
         Box::pin(async move { Ok(conn) })
     });
     let listener = QueueListener::spawn(
-        UnixAccept(listener),
+        UnixAccept(slot),
         upgrade,
         format!("{protocol} {address}"),
         local,
