@@ -6,7 +6,9 @@
 //! - that is a socket nobody listens on (a stale file left by a dead
 //!   process; connecting is refused): removes it and binds;
 //! - that is a socket someone listens on: fails with
-//!   [`ErrorKind::BadArg`] ("in use"), like a tcp port in use;
+//!   [`ErrorKind::BadArg`] ("in use"), like a tcp port in use. (The probe is
+//!   a connection, so that listener sees one connection that closes at
+//!   once.);
 //! - that exists and is not a socket: fails with [`ErrorKind::BadArg`]
 //!   naming the path; the file is left alone.
 //!
