@@ -31,8 +31,6 @@ pub struct ConnConfig {
     /// Most distinct blessings or discharges the peer may send on the
     /// connection.
     pub max_peer_credentials: usize,
-    /// Largest slice one flow sends before the next ready flow gets a turn.
-    pub send_slice: usize,
     /// Silence after which the connection is declared dead; a health check is
     /// sent after half of it.
     pub channel_timeout: Duration,
@@ -52,7 +50,6 @@ impl Default for ConnConfig {
             max_flows: 1 << 17,
             max_pending_accepts: 4096,
             max_peer_credentials: 64,
-            send_slice: 16 * 1024,
             channel_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
         }

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
 use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, HandshakeDone, HandshakeParams};
-use super::state::{ConnState, ConnStats, FlowOptions};
+use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions};
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
@@ -406,6 +406,16 @@ async fn write_loop(
                 arena.put_bytes(0, FRAME_OVERHEAD);
                 let mut body = arena.split_off(FRAME_OVERHEAD);
                 match state.build_frame(now, &mut body) {
+                    Some(BuiltFrame {
+                        encrypted_len,
+                        own_buffer: Some(own),
+                    }) => {
+                        // A whole chunk, sent from its own buffer.
+                        arena.clear();
+                        arena.unsplit(body);
+                        bytes += own.len();
+                        built.push((own, encrypted_len));
+                    }
                     Some(frame) => {
                         bytes += body.len();
                         arena.unsplit(body);

@@ -9,6 +9,7 @@
 //! - `flow`: the application's [`Flow`] handle.
 //! - [`config`]: tunables and limits.
 
+mod chunk;
 mod cipher;
 pub mod config;
 mod driver;

@@ -22,6 +22,7 @@ use flow_message::{
     BlessingsMsg, Data, DischargesMsg, Flags, Message, OpenFlow, Release, ReleaseMsg, TearDown,
 };
 
+use super::chunk::{Chunk, MAX_DATA_HEADER};
 use super::config::ConnConfig;
 use super::flow_control::{Budget, RecvWindow, SendCredit, SharedPool};
 use crate::security::{Blessings, Discharges};
@@ -60,8 +61,9 @@ const PROVISIONAL: FlowId = 1 << 63;
 
 /// Largest header an `OpenFlow` can have (type byte and six varints).
 const MAX_OPEN_FLOW_HEADER: usize = 1 + 6 * 9;
-/// Largest header a `Data` message can have (type byte and three varints).
-const MAX_DATA_HEADER: usize = 1 + 3 * 9;
+/// A chunk at least this long goes out as a frame of its own, encrypted in
+/// place, rather than being copied into a shared frame.
+const ZERO_COPY_MIN: usize = 8 * 1024;
 /// A received payload smaller than 1/`COPY_RATIO` of its frame is copied out
 /// so it does not pin the whole frame in memory.
 const COPY_RATIO: usize = 8;
@@ -124,11 +126,15 @@ pub struct ConnStats {
 }
 
 /// A frame [`ConnState::build_frame`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltFrame {
     /// Bytes from the frame start to encrypt; anything after is a
     /// passthrough payload sent as is.
     pub encrypted_len: usize,
+    /// When set, the frame is this buffer — [`super::FRAME_OVERHEAD`] bytes
+    /// of room for the sealer, then the frame — and the caller's buffer was
+    /// not touched (a whole chunk sent without copying).
+    pub own_buffer: Option<BytesMut>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +162,7 @@ struct FlowEntry {
     alias: Option<FlowId>,
     send_state: SendState,
     credit: SendCredit,
-    send_queue: VecDeque<Bytes>,
+    send_queue: VecDeque<Chunk>,
     queued: u64,
     in_ready: bool,
     recv_state: RecvState,
@@ -979,7 +985,7 @@ impl ConnState {
             let Some(entry) = self.flows.get_mut(&id) else {
                 continue;
             };
-            match emit_flow(id, entry, buf, max, self.config.send_slice, &mut self.stats) {
+            match emit_flow(id, entry, buf, max, &mut self.stats) {
                 Emitted::Nothing => {
                     // Did not fit: it goes first in the next frame.
                     self.ready.push_front(id);
@@ -989,6 +995,24 @@ impl ConnState {
                     if passthrough_at.is_some() {
                         clear_from = passthrough_at;
                     }
+                }
+                Emitted::OwnFrame(frame) => {
+                    self.last_used = now;
+                    if entry.is_sendable() {
+                        self.ready.push_back(id);
+                    } else {
+                        entry.in_ready = false;
+                    }
+                    wake_opt(&mut entry.write_waker);
+                    if entry.send_state == SendState::Closed {
+                        entry.wake_closed();
+                    }
+                    self.maybe_reap(id);
+                    self.stats.frames_sent += 1;
+                    return Some(BuiltFrame {
+                        encrypted_len: frame.len() - super::FRAME_OVERHEAD,
+                        own_buffer: Some(frame),
+                    });
                 }
             }
             self.last_used = now;
@@ -1054,6 +1078,7 @@ impl ConnState {
         self.stats.frames_sent += 1;
         Some(BuiltFrame {
             encrypted_len: clear_from.unwrap_or(buf.len()),
+            own_buffer: None,
         })
     }
 
@@ -1367,20 +1392,22 @@ impl ConnState {
         Poll::Pending
     }
 
-    /// Queues bytes of `bufs` on flow `id`, as many as credit allows right
-    /// now (all or nothing, and at most one message, when fragmentation is
-    /// disabled). Returns the number of bytes taken.
-    pub fn poll_write(
+    /// Takes credit for up to `total` bytes on flow `id` (all or nothing,
+    /// and at most one message, when fragmentation is disabled). Returns how
+    /// many bytes the caller may now [`ConnState::commit_write`]; it copies
+    /// them outside the lock.
+    pub fn reserve_write(
         &mut self,
         cx: &mut Context<'_>,
         id: FlowId,
-        bufs: &[&[u8]],
+        total: usize,
     ) -> Poll<Result<usize>> {
         let id = self.resolve(id);
         if let Some(err) = &self.error {
             return Poll::Ready(Err(err.clone()));
         }
         let max_message = self.max_message();
+        let max_chunk = self.max_chunk();
         let lame_duck_ack_sent = self.lame_duck_ack_sent;
         let entry = match self.flows.get_mut(&id) {
             Some(e) => e,
@@ -1394,7 +1421,6 @@ impl ConnState {
                 "connection is in lame duck: the peer asked for no new flows",
             )));
         }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
         if total == 0 {
             schedule(&mut self.ready, id, entry);
             wake_opt(&mut self.writer_waker);
@@ -1420,7 +1446,7 @@ impl ConnState {
         let n = if entry.whole_messages {
             if have < total as u64 { 0 } else { total }
         } else {
-            (have as usize).min(total)
+            (have as usize).min(total).min(max_chunk)
         };
         if n == 0 {
             // Send the OpenFlow (empty if need be) to earn the flow's credit.
@@ -1433,12 +1459,47 @@ impl ConnState {
             .credit
             .take(n as u64, &mut self.pool, can_borrow, max_message as u64);
         debug_assert_eq!(taken, n as u64);
-        let chunk = gather(bufs, n);
-        entry.queued += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Queues `chunk`, whose bytes [`ConnState::reserve_write`] paid for.
+    pub(crate) fn commit_write(&mut self, id: FlowId, chunk: Chunk) {
+        let id = self.resolve(id);
+        if self.error.is_some() {
+            return;
+        }
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return;
+        };
+        entry.queued += chunk.len() as u64;
         entry.send_queue.push_back(chunk);
         schedule(&mut self.ready, id, entry);
         wake_opt(&mut self.writer_waker);
+    }
+
+    /// Queues bytes of `bufs` on flow `id`, as many as credit allows right
+    /// now. Returns the number of bytes taken. (Copies under the caller's
+    /// lock; flow handles use [`ConnState::reserve_write`] instead.)
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: FlowId,
+        bufs: &[&[u8]],
+    ) -> Poll<Result<usize>> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let n = match self.reserve_write(cx, id, total) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        if n > 0 {
+            self.commit_write(id, Chunk::copy_from(bufs, n));
+        }
         Poll::Ready(Ok(n))
+    }
+
+    /// The largest chunk one write queues: it always fits a frame whole.
+    fn max_chunk(&self) -> usize {
+        self.max_frame - MAX_DATA_HEADER
     }
 
     /// Resolves once everything written on flow `id` is in a frame (and the
@@ -1577,36 +1638,20 @@ fn schedule(ready: &mut VecDeque<FlowId>, id: FlowId, entry: &mut FlowEntry) {
     }
 }
 
-fn gather(bufs: &[&[u8]], n: usize) -> Bytes {
-    if let [first, ..] = bufs
-        && first.len() >= n
-    {
-        return Bytes::copy_from_slice(&first[..n]);
-    }
-    let mut out = BytesMut::with_capacity(n);
-    for b in bufs {
-        let take = (n - out.len()).min(b.len());
-        out.put_slice(&b[..take]);
-        if out.len() == n {
-            break;
-        }
-    }
-    out.freeze()
-}
-
 enum Emitted {
     Nothing,
     Some { passthrough_at: Option<usize> },
+    OwnFrame(BytesMut),
 }
 
-/// Writes one slice of flow `id` into `buf` (an `OpenFlow` first if the
-/// flow is not open on the wire).
+/// Writes the next piece of flow `id` into `buf` (an `OpenFlow` first if
+/// the flow is not open on the wire), or hands back a whole chunk as a frame
+/// of its own.
 fn emit_flow(
     id: FlowId,
     entry: &mut FlowEntry,
     buf: &mut BytesMut,
     max: usize,
-    slice: usize,
     stats: &mut ConnStats,
 ) -> Emitted {
     let room = max - buf.len();
@@ -1635,7 +1680,7 @@ fn emit_flow(
         }
         open.encode_header(payload_len, buf);
         for chunk in entry.send_queue.drain(..) {
-            buf.put_slice(&chunk);
+            buf.put_slice(chunk.as_slice());
         }
         entry.queued = 0;
         entry.opened = true;
@@ -1648,79 +1693,47 @@ fn emit_flow(
             passthrough_at: None,
         };
     }
-    let closing = entry.send_state == SendState::Closing;
-    if entry.whole_messages {
-        let Some(msg) = entry.send_queue.front() else {
-            // Only the CLOSE is left.
-            return emit_close(id, entry, buf, room, stats);
-        };
-        let len = msg.len();
-        let last = entry.send_queue.len() == 1;
-        let mut flags = if entry.passthrough {
-            Flags::PASSTHROUGH
-        } else {
-            Flags::NONE
-        };
-        if closing && last {
-            flags = flags | Flags::CLOSE;
-        }
-        let header = Data::header_len(id, flags, len);
-        if header + len > room {
-            return Emitted::Nothing;
-        }
-        let Some(msg) = entry.send_queue.pop_front() else {
-            return Emitted::Nothing;
-        };
-        Data::encode_header(id, flags, len, buf);
-        let passthrough_at = entry.passthrough.then_some(buf.len());
-        buf.put_slice(&msg);
-        entry.queued -= len as u64;
-        if flags.contains(Flags::CLOSE) {
-            entry.send_state = SendState::Closed;
-        }
-        stats.messages_sent += 1;
-        stats.bytes_sent += len as u64;
-        return Emitted::Some { passthrough_at };
-    }
-    if entry.send_queue.is_empty() {
+    let Some(front) = entry.send_queue.front() else {
+        // Only the CLOSE is left.
         return emit_close(id, entry, buf, room, stats);
-    }
-    let take = (entry.queued as usize)
-        .min(slice)
-        .min(room - MAX_DATA_HEADER);
-    if take == 0 {
-        return Emitted::Nothing;
-    }
-    let last = take as u64 == entry.queued;
-    let flags = if closing && last {
-        Flags::CLOSE
+    };
+    let len = front.len();
+    let last = entry.send_queue.len() == 1;
+    let mut flags = if entry.passthrough {
+        Flags::PASSTHROUGH
     } else {
         Flags::NONE
     };
-    Data::encode_header(id, flags, take, buf);
-    let mut left = take;
-    while left > 0 {
-        let Some(front) = entry.send_queue.front_mut() else {
-            break;
-        };
-        if front.len() <= left {
-            left -= front.len();
-            buf.put_slice(front);
-            entry.send_queue.pop_front();
-        } else {
-            buf.put_slice(&front.split_to(left));
-            left = 0;
-        }
+    if entry.send_state == SendState::Closing && last {
+        flags = flags | Flags::CLOSE;
     }
-    entry.queued -= take as u64;
+    let header_len = Data::header_len(id, flags, len);
+    if header_len + len > room {
+        return Emitted::Nothing;
+    }
+    let zero_copy = len >= ZERO_COPY_MIN && !entry.passthrough;
+    if zero_copy && !buf.is_empty() {
+        // Worth a frame of its own: it goes first in the next one.
+        return Emitted::Nothing;
+    }
+    let Some(chunk) = entry.send_queue.pop_front() else {
+        return Emitted::Nothing;
+    };
+    entry.queued -= len as u64;
     if flags.contains(Flags::CLOSE) {
         entry.send_state = SendState::Closed;
     }
     stats.messages_sent += 1;
-    stats.bytes_sent += take as u64;
-    Emitted::Some {
-        passthrough_at: None,
+    stats.bytes_sent += len as u64;
+    if zero_copy {
+        let mut header = BytesMut::with_capacity(MAX_DATA_HEADER);
+        Data::encode_header(id, flags, len, &mut header);
+        return Emitted::OwnFrame(chunk.into_frame(&header));
     }
+    Data::encode_header(id, flags, len, buf);
+    let passthrough_at = entry.passthrough.then_some(buf.len());
+    buf.put_slice(chunk.as_slice());
+    Emitted::Some { passthrough_at }
 }
 
 fn emit_close(

@@ -5,7 +5,7 @@
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use flow_message::{Data, Flags, Message, OpenFlow, Release, ReleaseMsg};
 use proptest::prelude::*;
 
@@ -88,7 +88,14 @@ fn transfer(from: &mut ConnState, to: &mut ConnState, now: Instant) -> usize {
             return count;
         };
         count += 1;
-        let _ = to.handle_frame(now, buf.freeze(), built.encrypted_len);
+        let frame = match built.own_buffer {
+            Some(mut own) => {
+                own.advance(super::FRAME_OVERHEAD);
+                own.freeze()
+            }
+            None => buf.freeze(),
+        };
+        let _ = to.handle_frame(now, frame, built.encrypted_len);
     }
 }
 
