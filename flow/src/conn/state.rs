@@ -61,6 +61,10 @@ const PROVISIONAL: FlowId = 1 << 63;
 
 /// Largest header an `OpenFlow` can have (type byte and six varints).
 const MAX_OPEN_FLOW_HEADER: usize = 1 + 6 * 9;
+/// While data flows, the round-trip time is sampled this often (a health
+/// check rides along with the data; an idle connection sends none).
+const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A chunk at least this long goes out as a frame of its own, encrypted in
 /// place, rather than being copied into a shared frame.
 const ZERO_COPY_MIN: usize = 8 * 1024;
@@ -270,6 +274,7 @@ pub struct ConnState {
     last_received: Instant,
     last_used: Instant,
     health_sent_at: Option<Instant>,
+    last_rtt_sample: Instant,
     peer_lame_duck: bool,
     local_lame_duck: bool,
     lame_duck_acked: bool,
@@ -336,6 +341,7 @@ impl ConnState {
             last_received: now,
             last_used: now,
             health_sent_at: None,
+            last_rtt_sample: now,
             peer_lame_duck: false,
             local_lame_duck: false,
             lame_duck_acked: false,
@@ -677,6 +683,7 @@ impl ConnState {
             Message::HealthCheckResponse => {
                 if let Some(sent) = self.health_sent_at.take() {
                     self.rtt = now.saturating_duration_since(sent);
+                    self.last_rtt_sample = now;
                 }
                 Ok(())
             }
@@ -953,6 +960,14 @@ impl ConnState {
             }
             self.lifecycle = Lifecycle::Closed;
             return self.finish_frame(buf, None);
+        }
+        // Sample the round trip now and then while data flows.
+        if self.health_sent_at.is_none()
+            && !self.ready.is_empty()
+            && now.saturating_duration_since(self.last_rtt_sample) >= RTT_PROBE_INTERVAL
+        {
+            self.health_sent_at = Some(now);
+            self.control.push_back(Message::HealthCheckRequest);
         }
         // Control messages first.
         while let Some(msg) = self.control.front() {

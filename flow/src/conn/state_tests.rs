@@ -810,3 +810,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn rtt_is_sampled_while_data_flows() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"first");
+    p.pump();
+    let frames_before = p.a.stats().messages_sent;
+    // A second later, with data to send, a probe rides along.
+    p.now += Duration::from_millis(1500);
+    write_all(&mut p.a, f, b"second");
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    let msgs = flow_message::decode_frame(buf.clone().freeze()).unwrap();
+    assert!(msgs.contains(&Message::HealthCheckRequest), "{msgs:?}");
+    assert!(p.a.stats().messages_sent > frames_before);
+    p.b.handle_frame(p.now, buf.freeze(), built.encrypted_len)
+        .unwrap();
+    // The answer comes back 3 ms later.
+    p.now += Duration::from_millis(3);
+    transfer(&mut p.b, &mut p.a, p.now);
+    assert_eq!(p.a.rtt(), Duration::from_millis(3));
+}
