@@ -174,7 +174,10 @@ impl MemoryConn {
     ) -> Self {
         let label: Arc<str> = format!("{protocol} {local}<->{remote}").into();
         MemoryConn {
-            reader: MemoryReader { rx },
+            reader: MemoryReader {
+                rx,
+                taken: Vec::new(),
+            },
             writer: MemoryWriter {
                 tx: Some(tx),
                 label,
@@ -204,13 +207,31 @@ impl FramedConn for MemoryConn {
     }
 }
 
+/// Frames a reader takes off its channel at once.
+const READ_BATCH: usize = 32;
+
 struct MemoryReader {
     rx: mpsc::Receiver<Bytes>,
+    /// Frames taken off the channel and not yet returned, in reverse order.
+    taken: Vec<Bytes>,
+}
+
+impl MemoryReader {
+    async fn next_frame(&mut self) -> Option<BytesMut> {
+        if self.taken.is_empty() {
+            // One wakeup for up to a batch of frames.
+            if self.rx.recv_many(&mut self.taken, READ_BATCH).await == 0 {
+                return None;
+            }
+            self.taken.reverse();
+        }
+        self.taken.pop().map(BytesMut::from)
+    }
 }
 
 impl FrameReader for MemoryReader {
     fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>> {
-        Box::pin(async move { Ok(self.rx.recv().await.map(BytesMut::from)) })
+        Box::pin(async move { Ok(self.next_frame().await) })
     }
 }
 

@@ -361,6 +361,24 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn sockets_get_their_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let (dialed, accepted) = tokio::join!(connect("tcp", &address), listener.accept());
+        let dialed = dialed.expect("dial");
+        let (accepted, _) = accepted.expect("accept");
+        configure(&accepted);
+        for stream in [&dialed, &accepted] {
+            let sock = SockRef::from(stream);
+            assert!(sock.tcp_nodelay().expect("nodelay"));
+            assert!(sock.keepalive().expect("keepalive"));
+            assert_eq!(sock.tcp_keepalive_time().expect("time"), KEEPALIVE_TIME);
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            assert_eq!(sock.tcp_notsent_lowat().expect("lowat"), TCP_NOTSENT_LOWAT);
+        }
+    }
+
     #[test]
     fn families_from_names() {
         assert_eq!(Family::of("tcp"), Family::Any);
