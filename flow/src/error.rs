@@ -66,13 +66,27 @@ type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// Cheap to clone, so one failure (say, a connection closing) can be handed to
 /// every flow that was waiting on it.
-#[derive(Clone, thiserror::Error)]
-#[error("{kind}: {message}")]
+#[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    #[source]
     source: Option<Source>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for Error {
+    /// The underlying error itself (not the `Arc` holding it), so callers can
+    /// downcast it, e.g. to a [`std::io::Error`].
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Error {
@@ -197,6 +211,17 @@ mod tests {
         let cloned = err.clone().context("conn 7");
         assert_eq!(cloned.to_string(), "Network: conn 7: reading frame");
         assert!(cloned.source().is_some());
+    }
+
+    #[test]
+    fn sources_can_be_downcast() {
+        let io = std::io::Error::from_raw_os_error(24);
+        let err = Error::with_source(ErrorKind::DialFailed, "dial", io);
+        let source = err.source().unwrap();
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("an io::Error");
+        assert_eq!(io.raw_os_error(), Some(24));
     }
 
     #[test]

@@ -1,3 +1,19 @@
-//! The flow `Manager`: listens, accepts, dials, caches and pins connections.
+//! The flow `Manager`: what applications hold to get flows.
 //!
-//! Built by issue 5 on top of the connection and the protocol registry.
+//! A [`Manager`] listens ([`Manager::listen`]), accepts flows from every
+//! listener and connection ([`Manager::accept`]), dials with a connection
+//! cache shared by concurrent dials ([`Manager::dial`],
+//! [`Manager::dial_cached`]), pins connections it must keep
+//! ([`Manager::pin`]), closes idle ones, and shuts down gracefully
+//! ([`Manager::close`]). [`Manager::status`] tells what it listens on and
+//! what failed.
+
+mod accept;
+mod cache;
+mod manager;
+mod pin;
+mod status;
+
+pub use manager::{DIAL_FAILURE_MEMORY, ListenHandle, Manager, ManagerBuilder};
+pub use pin::{PinOptions, PinnedConn};
+pub use status::ListenStatus;
