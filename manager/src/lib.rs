@@ -10,10 +10,12 @@
 
 mod accept;
 mod cache;
+mod flow_conn;
 mod manager;
 mod pin;
 mod status;
 
+pub use flow_conn::{FlowConn, ProxyProtocol};
 pub use manager::{DIAL_FAILURE_MEMORY, ListenHandle, Manager, ManagerBuilder};
 pub use pin::{PinOptions, PinnedConn};
 pub use status::ListenStatus;

@@ -126,6 +126,7 @@ impl ManagerBuilder {
     /// Builds the manager. Must be called within a tokio runtime (it starts
     /// the idle reaper).
     pub fn build(self) -> Manager {
+        let own_registry = self.registry.is_none();
         let registry = self
             .registry
             .unwrap_or_else(|| Arc::new(Registry::with_defaults()));
@@ -157,7 +158,18 @@ impl ManagerBuilder {
             reaper_wake: Notify::new(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner)));
-        Manager { inner }
+        let manager = Manager { inner };
+        if own_registry {
+            // A registry of its own gets the `proxy` protocol, dialing
+            // through this manager. (Callers who pass a registry register
+            // `ProxyProtocol::new(&manager)` themselves if they want it.)
+            manager.inner.registry.register(
+                "proxy",
+                Arc::new(crate::flow_conn::ProxyProtocol::new(&manager)),
+                vec!["proxy".to_string()],
+            );
+        }
+        manager
     }
 }
 

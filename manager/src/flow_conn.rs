@@ -1,0 +1,164 @@
+//! A flow seen as a framed connection, and the `proxy` protocol built on it.
+//!
+//! A [`FlowConn`] carries another connection's frames over one flow: every
+//! frame is one message (fragmentation off) sent as a passthrough payload,
+//! so the carrying connection does not encrypt the already-sealed frames a
+//! second time. A proxied connection is a [`FlowConn`] to the proxy with a
+//! full, end-to-end handshake run inside it.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use flow::auth::AllowEveryone;
+use flow::conn::{Flow, FlowReader, FlowWriter};
+use flow::naming::Endpoint;
+use flow::transport::{FrameReader, FrameWriter, FramedConn, Listener, Protocol};
+use flow::{Error, Result};
+use futures::future::BoxFuture;
+
+use crate::manager::{Inner, Manager};
+
+/// A flow carrying another connection's frames.
+pub struct FlowConn {
+    flow: Flow,
+    local: String,
+    remote: String,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for FlowConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowConn")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+impl FlowConn {
+    /// Wraps `flow`: from now on each write is one whole frame, sent without
+    /// a second encryption.
+    pub fn new(flow: Flow) -> Result<FlowConn> {
+        flow.set_passthrough()?;
+        let max_frame = flow.conn().max_message();
+        let local = format!("{} via flow", flow.conn().local_addr());
+        let remote = format!("{} via flow", flow.conn().remote_addr());
+        Ok(FlowConn {
+            flow,
+            local,
+            remote,
+            max_frame,
+        })
+    }
+}
+
+struct FlowFrameReader(FlowReader);
+struct FlowFrameWriter(FlowWriter);
+
+impl FrameReader for FlowFrameReader {
+    fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>> {
+        Box::pin(async move {
+            Ok(self.0.read_msg().await?.map(|b| match b.try_into_mut() {
+                Ok(unique) => unique,
+                Err(shared) => BytesMut::from(&shared[..]),
+            }))
+        })
+    }
+}
+
+impl FrameWriter for FlowFrameWriter {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            for frame in frames {
+                self.0.write_msg(&[frame]).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        self.0.close_write();
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl FramedConn for FlowConn {
+    fn split(self: Box<Self>) -> (Box<dyn FrameReader>, Box<dyn FrameWriter>) {
+        let (r, w) = self.flow.into_split();
+        (Box::new(FlowFrameReader(r)), Box::new(FlowFrameWriter(w)))
+    }
+
+    fn local_addr(&self) -> String {
+        self.local.clone()
+    }
+
+    fn remote_addr(&self) -> String {
+        self.remote.clone()
+    }
+
+    fn max_frame_size(&self) -> usize {
+        self.max_frame
+    }
+}
+
+/// The `proxy` protocol: "dialing" an address — a proxy's endpoint —
+/// opens a flow to it through the manager and hands the flow back as a
+/// framed connection, over which the caller runs its end-to-end handshake.
+pub struct ProxyProtocol {
+    manager: Weak<Inner>,
+}
+
+impl ProxyProtocol {
+    /// The protocol, dialing through `manager`.
+    pub fn new(manager: &Manager) -> Self {
+        ProxyProtocol {
+            manager: std::sync::Arc::downgrade(&manager.inner),
+        }
+    }
+}
+
+impl Protocol for ProxyProtocol {
+    fn dial<'a>(
+        &'a self,
+        _protocol: &'a str,
+        address: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn FramedConn>>> {
+        Box::pin(async move {
+            let inner = self
+                .manager
+                .upgrade()
+                .ok_or_else(|| Error::bad_state("the manager behind the proxy protocol is gone"))?;
+            let proxy = Endpoint::parse(address)?;
+            let manager = Manager { inner };
+            let flow = tokio::time::timeout(
+                timeout,
+                manager.dial(&proxy, std::sync::Arc::new(AllowEveryone), Duration::ZERO),
+            )
+            .await
+            .map_err(|_| Error::timeout(format!("dialing proxy {proxy} timed out")))??;
+            Ok(Box::new(FlowConn::new(flow)?) as Box<dyn FramedConn>)
+        })
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        protocol: &'a str,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<(String, Vec<String>)>> {
+        Box::pin(async move { Ok((protocol.to_string(), vec![address.to_string()])) })
+    }
+
+    fn listen<'a>(
+        &'a self,
+        _protocol: &'a str,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Listener>>> {
+        Box::pin(async move {
+            Err(Error::bad_arg(format!(
+                "cannot listen on proxy {address} with the proxy protocol; use Manager::proxy_listen"
+            )))
+        })
+    }
+}
