@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flow::auth::{AuthorizedPeer, PeerAuthorizer, PeerInfo};
+use flow::auth::{AllowEveryone, PeerAuthorizer, PeerInfo};
 use flow::conn::{Conn, ConnConfig, Flow, FlowOptions, HandshakeParams};
 use flow::naming::{Endpoint, RoutingId};
 use flow::security::{BlessingPattern, Principal};
@@ -41,7 +41,6 @@ pub struct ManagerBuilder {
     channel_timeout: Duration,
     close_grace: Duration,
     conn_config: ConnConfig,
-    visible_to: Option<Vec<BlessingPattern>>,
 }
 
 impl std::fmt::Debug for ManagerBuilder {
@@ -66,7 +65,6 @@ impl ManagerBuilder {
             channel_timeout: Duration::from_secs(30),
             close_grace: Duration::from_secs(5),
             conn_config: ConnConfig::default(),
-            visible_to: None,
         }
     }
 
@@ -108,7 +106,8 @@ impl ManagerBuilder {
         self
     }
 
-    /// Limits and tunables of every connection.
+    /// Limits and tunables of every connection (call before the options
+    /// above that change it).
     pub fn conn_config(mut self, config: ConnConfig) -> Self {
         self.conn_config = config;
         self
@@ -116,10 +115,19 @@ impl ManagerBuilder {
 
     /// Only peers with a blessing matching one of `patterns` may see this
     /// manager's blessings when they connect to it: others see only its
-    /// public key and are refused. (The dialer must be willing to reveal its
-    /// own blessings first to such a server.)
+    /// public key and are refused. (Dialers must be willing to show their
+    /// blessings first to such a server: see
+    /// [`ManagerBuilder::reveal_to_hidden_servers`].)
     pub fn blessings_visible_to(mut self, patterns: Vec<BlessingPattern>) -> Self {
-        self.visible_to = Some(patterns);
+        self.conn_config.blessings_visible_to = Some(patterns);
+        self
+    }
+
+    /// Whether this manager, dialing a server that hides its blessings,
+    /// shows its own first (off by default: a dialer normally authorizes the
+    /// server before revealing anything).
+    pub fn reveal_to_hidden_servers(mut self, reveal: bool) -> Self {
+        self.conn_config.reveal_to_hidden_acceptors = reveal;
         self
     }
 
@@ -145,7 +153,6 @@ impl ManagerBuilder {
             idle_expiry: self.idle_expiry,
             close_grace: self.close_grace,
             conn_config,
-            visible_to: self.visible_to,
             bidi,
             cache: Mutex::new(ConnCache::default()),
             accept: AcceptHub::new(),
@@ -195,7 +202,6 @@ pub(crate) struct Inner {
     idle_expiry: Duration,
     close_grace: Duration,
     pub(crate) conn_config: ConnConfig,
-    visible_to: Option<Vec<BlessingPattern>>,
     bidi: Endpoint,
     pub(crate) cache: Mutex<ConnCache>,
     pub(crate) accept: Arc<AcceptHub>,
@@ -245,29 +251,6 @@ impl ListenHandle {
                 .unwrap_or_else(|| Error::bad_state("listener stopped")),
             Err(_) => Error::bad_state("manager is gone"),
         }
-    }
-}
-
-/// The acceptor's side of authorization: accept every peer (the
-/// application authorizes per request), and show its blessings only to
-/// peers allowed to see them.
-#[derive(Debug)]
-struct ServerAuthorizer {
-    visible_to: Option<Vec<BlessingPattern>>,
-}
-
-impl PeerAuthorizer for ServerAuthorizer {
-    fn authorize_peer(&self, peer: &PeerInfo<'_>) -> Result<AuthorizedPeer> {
-        let authorized = peer.validate();
-        if let Some(patterns) = &self.visible_to
-            && !patterns.iter().any(|p| p.matched_by(&authorized.names))
-        {
-            return Err(Error::not_trusted(format!(
-                "peer {:?} may not see this server's blessings",
-                authorized.names
-            )));
-        }
-        Ok(authorized)
     }
 }
 
@@ -772,9 +755,9 @@ impl Manager {
             transport_max_frame: transport.max_frame_size(),
             config: self.inner.conn_config.clone(),
             principal: self.inner.principal.clone(),
-            authorizer: Arc::new(ServerAuthorizer {
-                visible_to: self.inner.visible_to.clone(),
-            }),
+            // Accept every authenticated peer: the application authorizes
+            // per request.
+            authorizer: Arc::new(AllowEveryone),
             local_endpoint: local.clone(),
         };
         let conn = Conn::accept(transport, params).await?;

@@ -501,3 +501,35 @@ async fn bidirectional_flows_accepted_on_dialed_connections() {
     let mut got = within(5, client.accept()).await.unwrap();
     assert_eq!(&got.read_msg().await.unwrap().unwrap()[..], b"reverse");
 }
+
+#[tokio::test]
+async fn servers_can_hide_their_blessings_from_strangers() {
+    let server = Manager::builder(Principal::with_self_blessing("server").unwrap())
+        .blessings_visible_to(vec![
+            flow::security::BlessingPattern::parse("friend").unwrap(),
+        ])
+        .build();
+    let ep = server
+        .listen("tcp", "127.0.0.1:0")
+        .await
+        .unwrap()
+        .endpoint()
+        .clone();
+    serve_echo(&server);
+    let friend = Manager::builder(Principal::with_self_blessing("friend").unwrap())
+        .reveal_to_hidden_servers(true)
+        .build();
+    server
+        .principal()
+        .add_to_roots(&friend.principal().default_blessings())
+        .unwrap();
+    assert_eq!(echo_once(&friend, &ep, b"hello").await, b"hello");
+    let stranger = Manager::builder(Principal::with_self_blessing("stranger").unwrap())
+        .reveal_to_hidden_servers(true)
+        .build();
+    let err = stranger
+        .dial(&ep, everyone(), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+}

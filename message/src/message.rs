@@ -137,6 +137,9 @@ pub mod option {
     pub const PEER_LOCAL_ENDPOINT: u64 = 4;
     /// Initial per-flow receive window the sender grants.
     pub const INITIAL_WINDOW: u64 = 5;
+    /// The sender (an acceptor) shows its blessings only after the dialer's
+    /// ([`super::Setup::hidden_blessings`]); empty value.
+    pub const HIDDEN_BLESSINGS: u64 = 6;
     /// First id not interpreted by this version.
     pub const FIRST_UNKNOWN_OPTION: u64 = 64;
 }
@@ -156,6 +159,9 @@ pub struct Setup {
     pub peer_remote_endpoint: Option<String>,
     /// The sender's own endpoint (string form).
     pub peer_local_endpoint: Option<String>,
+    /// The sender (an acceptor) hides its blessings until the dialer has
+    /// shown its own and is allowed to see them.
+    pub hidden_blessings: bool,
     /// Options this version does not interpret, kept in the order received.
     /// Their ids must not be those of the known options.
     pub unknown_options: Vec<SetupOption>,
@@ -316,6 +322,7 @@ impl Setup {
             + usize::from(self.initial_window.is_some())
             + usize::from(self.peer_remote_endpoint.is_some())
             + usize::from(self.peer_local_endpoint.is_some())
+            + usize::from(self.hidden_blessings)
             + self.unknown_options.len()
     }
 
@@ -339,6 +346,9 @@ impl Setup {
             if let Some(s) = s {
                 len += opt_len(id, s.len());
             }
+        }
+        if self.hidden_blessings {
+            len += opt_len(option::HIDDEN_BLESSINGS, 0);
         }
         for o in &self.unknown_options {
             len += opt_len(o.id, o.value.len());
@@ -365,6 +375,9 @@ impl Setup {
         if let Some(v) = self.initial_window {
             put_varint_option(buf, option::INITIAL_WINDOW, v);
         }
+        if self.hidden_blessings {
+            put_bytes_option(buf, option::HIDDEN_BLESSINGS, &[]);
+        }
         for o in &self.unknown_options {
             put_bytes_option(buf, o.id, &o.value);
         }
@@ -383,6 +396,7 @@ impl Setup {
             initial_window: None,
             peer_remote_endpoint: None,
             peer_local_endpoint: None,
+            hidden_blessings: false,
             unknown_options: Vec::new(),
         };
         // Each option takes at least two bytes: its id and an empty value.
@@ -416,6 +430,18 @@ impl Setup {
                     string_value(r, value, "peer_local_endpoint")?,
                     "peer_local_endpoint",
                 )?,
+                option::HIDDEN_BLESSINGS => {
+                    if setup.hidden_blessings {
+                        return Err(r.error("hidden_blessings", DecodeErrorKind::Duplicate));
+                    }
+                    if !value.is_empty() {
+                        return Err(r.error(
+                            "hidden_blessings",
+                            DecodeErrorKind::TrailingBytes(value.len()),
+                        ));
+                    }
+                    setup.hidden_blessings = true;
+                }
                 _ => setup.unknown_options.push(SetupOption { id, value }),
             }
         }

@@ -33,7 +33,7 @@ fn setup() -> impl Strategy<Value = Setup> {
         proptest::option::of(varint()),
         proptest::option::of(varint()),
         proptest::option::of(".{0,40}"),
-        proptest::option::of(".{0,40}"),
+        (proptest::option::of(".{0,40}"), any::<bool>()),
         vec(
             (option::FIRST_UNKNOWN_OPTION..u64::MAX, payload())
                 .prop_map(|(id, value)| SetupOption { id, value }),
@@ -41,7 +41,15 @@ fn setup() -> impl Strategy<Value = Setup> {
         ),
     )
         .prop_map(
-            |((a, b), mtu, shared_tokens, initial_window, remote, local, unknown_options)| Setup {
+            |(
+                (a, b),
+                mtu,
+                shared_tokens,
+                initial_window,
+                remote,
+                (local, hidden_blessings),
+                unknown_options,
+            )| Setup {
                 versions: VersionRange {
                     min: a.min(b),
                     max: a.max(b),
@@ -51,6 +59,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 initial_window,
                 peer_remote_endpoint: remote,
                 peer_local_endpoint: local,
+                hidden_blessings,
                 unknown_options,
             },
         )
@@ -223,6 +232,7 @@ fn setup_keeps_unknown_options_and_rejects_duplicates() {
         initial_window: Some(1 << 18),
         peer_remote_endpoint: Some("@1@tcp@127.0.0.1:1@@@@@".into()),
         peer_local_endpoint: None,
+        hidden_blessings: true,
         unknown_options: vec![SetupOption {
             id: 1000,
             value: Bytes::from_static(b"future"),

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::security::BlessingPattern;
+
 /// How a connection behaves and what it lets a peer do.
 ///
 /// The defaults suit a general-purpose service; every limit is one the peer
@@ -36,6 +38,16 @@ pub struct ConnConfig {
     pub channel_timeout: Duration,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
+    /// Acceptor: when set, only dialers holding a blessing that matches one
+    /// of these patterns see this side's blessings. The acceptor shows just
+    /// its public key until the dialer has shown its own blessings, and
+    /// refuses dialers that do not match.
+    pub blessings_visible_to: Option<Vec<BlessingPattern>>,
+    /// Dialer: show this side's blessings first to an acceptor that hides
+    /// its own until it sees them (its authorizer still runs before any flow
+    /// is opened). Off by default: a dialer normally authorizes the acceptor
+    /// before revealing anything.
+    pub reveal_to_hidden_acceptors: bool,
 }
 
 impl Default for ConnConfig {
@@ -52,6 +64,8 @@ impl Default for ConnConfig {
             max_peer_credentials: 64,
             channel_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            blessings_visible_to: None,
+            reveal_to_hidden_acceptors: false,
         }
     }
 }

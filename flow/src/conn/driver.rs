@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
 use super::flow::Flow;
-use super::handshake::{Acceptor, Dialer, HandshakeDone, HandshakeParams};
+use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions};
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
@@ -95,7 +95,19 @@ impl Conn {
             let answer = read_handshake_frame(reader.as_mut(), "the answer").await?;
             dialer.on_response(answer, Instant::now())?;
             let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
-            dialer.on_binding(binding, SystemTime::now())
+            match dialer.on_binding(binding, SystemTime::now())? {
+                DialerStep::Done(done) => Ok(*done),
+                DialerStep::Reveal { frame, wait } => {
+                    writer.write_frames(&[frame]).await?;
+                    let reveal = reader.read_frame().await?.ok_or_else(|| {
+                        Error::not_trusted(
+                            "the acceptor hung up instead of showing its blessings \
+                             (this side may not see them)",
+                        )
+                    })?;
+                    wait.on_reveal(reveal, SystemTime::now())
+                }
+            }
         };
         let done = tokio::time::timeout(timeout, handshake)
             .await
@@ -129,7 +141,12 @@ impl Conn {
             let answer = acceptor.on_hello(hello, Instant::now())?;
             writer.write_frames(&answer).await?;
             let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
-            acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)
+            let done =
+                acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)?;
+            if !done.frames_to_send.is_empty() {
+                writer.write_frames(&done.frames_to_send).await?;
+            }
+            Ok::<_, Error>(done)
         };
         let done = tokio::time::timeout(timeout, handshake)
             .await

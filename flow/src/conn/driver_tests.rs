@@ -269,3 +269,81 @@ async fn lame_duck_then_idle_then_close() {
     let reason = d.closed().await;
     assert!(reason.message().contains("drained"));
 }
+
+fn hiding(principal: &Principal, visible_to: &str) -> HandshakeParams {
+    let mut p = params(principal, Arc::new(AllowEveryone));
+    p.config.blessings_visible_to = Some(vec![BlessingPattern::parse(visible_to).unwrap()]);
+    p
+}
+
+fn revealing(principal: &Principal, authorizer: Arc<dyn PeerAuthorizer>) -> HandshakeParams {
+    let mut p = params(principal, authorizer);
+    p.config.reveal_to_hidden_acceptors = true;
+    p
+}
+
+#[tokio::test]
+async fn hidden_acceptor_shows_its_blessings_only_to_allowed_dialers() {
+    let server = Principal::with_self_blessing("server").unwrap();
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    server.add_to_roots(&alice.default_blessings()).unwrap();
+    alice.add_to_roots(&server.default_blessings()).unwrap();
+    let want_server = Arc::new(PatternAuthorizer::new([
+        BlessingPattern::parse("server").unwrap()
+    ]));
+    let (d, a) = connect(revealing(&alice, want_server), hiding(&server, "alice")).await;
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert_eq!(d.remote_blessings().names(), vec!["server".to_string()]);
+    assert_eq!(d.authorized_peer().names, vec!["server".to_string()]);
+    assert_eq!(a.authorized_peer().names, vec!["alice".to_string()]);
+    // Flows work as usual.
+    let mut f = d.open_flow(FlowOptions::default()).unwrap();
+    f.write_msg_and_close(&[b"hi"]).await.unwrap();
+    let mut g = a.accept_flow().await.unwrap();
+    assert_eq!(&g.read_msg().await.unwrap().unwrap()[..], b"hi");
+}
+
+#[tokio::test]
+async fn hidden_acceptor_hangs_up_on_others() {
+    let server = Principal::with_self_blessing("server").unwrap();
+    let mallory = Principal::with_self_blessing("mallory").unwrap();
+    server.add_to_roots(&mallory.default_blessings()).unwrap();
+    let (d, a) = connect(
+        revealing(&mallory, Arc::new(AllowEveryone)),
+        hiding(&server, "alice"),
+    )
+    .await;
+    let err = a.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+}
+
+#[tokio::test]
+async fn dialers_do_not_reveal_first_unless_told_to() {
+    let server = Principal::with_self_blessing("server").unwrap();
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let (d, _a) = connect(
+        params(&alice, Arc::new(AllowEveryone)),
+        hiding(&server, "alice"),
+    )
+    .await;
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+    assert!(err.message().contains("hides its blessings"), "{err}");
+}
+
+#[tokio::test]
+async fn revealed_blessings_still_face_the_dialers_authorizer() {
+    let server = Principal::with_self_blessing("server").unwrap();
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    server.add_to_roots(&alice.default_blessings()).unwrap();
+    alice.add_to_roots(&server.default_blessings()).unwrap();
+    let want_other = Arc::new(PatternAuthorizer::new([
+        BlessingPattern::parse("other").unwrap()
+    ]));
+    let (d, _a) = connect(revealing(&alice, want_other), hiding(&server, "alice")).await;
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+    assert!(err.message().contains("server"), "{err}");
+}

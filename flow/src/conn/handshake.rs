@@ -13,6 +13,12 @@
 //! and its `PeerAuthorizer` before revealing anything of its own. Like the
 //! multiplexer, the handshake is sans-I/O: it is fed frames and times and
 //! answers with frames.
+//!
+//! An acceptor may hide its blessings ([`ConnConfig::blessings_visible_to`]):
+//! its binding then shows only its key, its `Setup` says so, and a dialer
+//! willing to go first ([`ConnConfig::reveal_to_hidden_acceptors`]) sends its
+//! binding during the handshake; the acceptor answers with a sealed frame of
+//! its real blessings if the dialer may see them, or hangs up.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -92,6 +98,9 @@ pub struct HandshakeDone {
     /// Plaintext that followed the dialer's binding in its frame (acceptor
     /// side), with the length of its encrypted part.
     pub leftover: Option<(Bytes, usize)>,
+    /// Sealed frames to write before any other (the acceptor's revealed
+    /// blessings).
+    pub frames_to_send: Vec<Bytes>,
 }
 
 fn noise_builder(suite: Suite) -> Result<snow::Builder<'static>> {
@@ -111,7 +120,9 @@ fn noise_err(what: &str, err: snow::Error) -> Error {
 }
 
 fn local_setup(params: &HandshakeParams, remote: Option<&Endpoint>) -> Setup {
+    let hidden_blessings = remote.is_none() && params.config.blessings_visible_to.is_some();
     Setup {
+        hidden_blessings,
         versions: SUPPORTED_VERSIONS,
         mtu: Some(receive_mtu(params) as u64),
         shared_tokens: Some(params.config.shared_tokens),
@@ -217,6 +228,7 @@ fn binding_messages(
 
 /// A peer's identity as proven by its binding messages.
 struct PeerIdentity {
+    key: PublicKey,
     blessings: Blessings,
     discharges: Discharges,
 }
@@ -245,8 +257,9 @@ fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity>
                 if auth.blessings_key != CONN_BLESSINGS_KEY {
                     return Err(Error::auth("peer's Auth names unknown blessings"));
                 }
-                verify_binding(&auth.channel_binding, &blessings, tag, hash)?;
+                let key = verify_binding(&auth.channel_binding, &blessings, tag, hash)?;
                 return Ok(PeerIdentity {
+                    key,
                     blessings,
                     discharges,
                 });
@@ -261,7 +274,13 @@ fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity>
     }
 }
 
-fn verify_binding(binding: &[u8], blessings: &Blessings, tag: &[u8], hash: &[u8]) -> Result<()> {
+/// Checks a channel binding; returns the key it proves.
+fn verify_binding(
+    binding: &[u8],
+    blessings: &Blessings,
+    tag: &[u8],
+    hash: &[u8],
+) -> Result<PublicKey> {
     if binding.len() != PUBLIC_KEY_LEN + SIGNATURE_LEN {
         return Err(Error::auth(format!(
             "channel binding of {} bytes (want {})",
@@ -279,15 +298,20 @@ fn verify_binding(binding: &[u8], blessings: &Blessings, tag: &[u8], hash: &[u8]
     signed.extend_from_slice(hash);
     key.verify(&signed, &Signature(sig))
         .map_err(|_| Error::auth("peer's channel binding signature does not verify"))?;
+    check_blessings_key(blessings, &key)?;
+    Ok(key)
+}
+
+/// Blessings presented for `key` must be for `key` and well signed.
+fn check_blessings_key(blessings: &Blessings, key: &PublicKey) -> Result<()> {
     if let Some(bkey) = blessings.public_key()
-        && bkey != key
+        && bkey != *key
     {
         return Err(Error::auth(format!(
             "peer presented blessings for key {bkey} but holds key {key}"
         )));
     }
-    blessings.verify_signatures()?;
-    Ok(())
+    blessings.verify_signatures()
 }
 
 fn authorize(
@@ -412,8 +436,10 @@ impl Dialer {
     }
 
     /// Takes the acceptor's sealed binding frame; checks and authorizes the
-    /// acceptor and prepares this side's binding.
-    pub fn on_binding(self, frame: BytesMut, wall: SystemTime) -> Result<HandshakeDone> {
+    /// acceptor and prepares this side's binding. An acceptor hiding its
+    /// blessings gets this side's binding at once (if allowed) and the
+    /// handshake goes on with [`DialerStep::Reveal`].
+    pub fn on_binding(self, frame: BytesMut, wall: SystemTime) -> Result<DialerStep> {
         let Some(mut answer) = self.answer else {
             return Err(Error::bad_state("handshake binding before the response"));
         };
@@ -434,6 +460,39 @@ impl Dialer {
                 .with_blessing_names(ep.blessing_names().iter().cloned())?,
             None => self.remote.clone(),
         };
+        if answer.setup.hidden_blessings {
+            if !self.params.config.reveal_to_hidden_acceptors {
+                return Err(Error::not_trusted(format!(
+                    "{remote_endpoint} hides its blessings until it sees this side's, \
+                     and this side does not reveal itself first (reveal_to_hidden_acceptors is off)"
+                )));
+            }
+            let (blessings, discharges) = self
+                .params
+                .authorizer
+                .blessings_for_peer(&self.params.principal, &[])?;
+            let binding = binding_messages(
+                &self.params.principal,
+                &blessings,
+                &discharges,
+                DIALER_TAG,
+                &answer.hash,
+            );
+            let mut plain = BytesMut::new();
+            flow_message::encode_frame(&binding, &mut plain);
+            let frame = answer.sealer.seal_to_bytes(&plain)?;
+            return Ok(DialerStep::Reveal {
+                frame,
+                wait: Box::new(DialerRevealWait {
+                    params: self.params,
+                    answer,
+                    remote_endpoint,
+                    acceptor_key: peer.key,
+                    blessings,
+                    discharges,
+                }),
+            });
+        }
         let authorized = authorize(&self.params, &remote_endpoint, &peer, wall)?;
         let (blessings, discharges) = self
             .params
@@ -446,27 +505,125 @@ impl Dialer {
             DIALER_TAG,
             &answer.hash,
         );
-        Ok(HandshakeDone {
-            established: Established {
-                role: Role::Dialer,
-                version: answer.version,
-                max_frame: answer.max_frame,
-                peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
-                rtt: answer.rtt,
-                local_blessings: blessings,
-                local_discharges: discharges,
-                remote_blessings: peer.blessings,
-                remote_discharges: peer.discharges,
-            },
-            initial_messages,
-            sealer: answer.sealer,
-            opener: answer.opener,
-            local_endpoint: self.params.local_endpoint.clone(),
+        Ok(DialerStep::Done(Box::new(dialer_done(
+            self.params,
+            answer,
             remote_endpoint,
-            requested_endpoint: None,
+            peer,
             authorized,
-            leftover: None,
-        })
+            (blessings, discharges),
+            initial_messages,
+        ))))
+    }
+}
+
+fn dialer_done(
+    params: HandshakeParams,
+    answer: DialerAnswer,
+    remote_endpoint: Endpoint,
+    peer: PeerIdentity,
+    authorized: AuthorizedPeer,
+    (blessings, discharges): (Blessings, Discharges),
+    initial_messages: Vec<Message>,
+) -> HandshakeDone {
+    HandshakeDone {
+        established: Established {
+            role: Role::Dialer,
+            version: answer.version,
+            max_frame: answer.max_frame,
+            peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
+            rtt: answer.rtt,
+            local_blessings: blessings,
+            local_discharges: discharges,
+            remote_blessings: peer.blessings,
+            remote_discharges: peer.discharges,
+        },
+        initial_messages,
+        sealer: answer.sealer,
+        opener: answer.opener,
+        local_endpoint: params.local_endpoint.clone(),
+        remote_endpoint,
+        requested_endpoint: None,
+        authorized,
+        leftover: None,
+        frames_to_send: Vec::new(),
+    }
+}
+
+/// What the dialer does after the acceptor's binding.
+#[derive(Debug)]
+pub enum DialerStep {
+    /// The handshake is complete.
+    Done(Box<HandshakeDone>),
+    /// The acceptor hides its blessings: send `frame` (this side's binding)
+    /// and hand the acceptor's next frame to `wait`.
+    Reveal {
+        /// This side's sealed binding.
+        frame: Bytes,
+        /// Waits for the acceptor's blessings.
+        wait: Box<DialerRevealWait>,
+    },
+}
+
+/// A dialer that showed its blessings to a hiding acceptor and waits for
+/// the acceptor's.
+pub struct DialerRevealWait {
+    params: HandshakeParams,
+    answer: DialerAnswer,
+    remote_endpoint: Endpoint,
+    acceptor_key: PublicKey,
+    blessings: Blessings,
+    discharges: Discharges,
+}
+
+impl std::fmt::Debug for DialerRevealWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialerRevealWait")
+            .field("remote", &self.remote_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DialerRevealWait {
+    /// Takes the acceptor's sealed blessings; checks and authorizes them.
+    pub fn on_reveal(mut self, frame: BytesMut, wall: SystemTime) -> Result<HandshakeDone> {
+        let (plain, _) = self.answer.opener.open(frame)?;
+        let mut r = Reader::new(plain, "Frame");
+        let mut blessings = None;
+        let mut discharges = Discharges::new();
+        while !r.is_empty() {
+            match Message::decode(&mut r)? {
+                Message::Blessings(b) if b.key == CONN_BLESSINGS_KEY && blessings.is_none() => {
+                    blessings = Some(Blessings::decode(b.bytes)?);
+                }
+                Message::Discharges(d) if d.key == CONN_BLESSINGS_KEY => {
+                    discharges = Discharges::decode(d.bytes)?;
+                }
+                other => {
+                    return Err(Error::auth(format!(
+                        "unexpected {} instead of the acceptor's blessings",
+                        other.name()
+                    )));
+                }
+            }
+        }
+        let blessings = blessings.ok_or_else(|| Error::auth("acceptor revealed no blessings"))?;
+        check_blessings_key(&blessings, &self.acceptor_key)?;
+        let peer = PeerIdentity {
+            key: self.acceptor_key,
+            blessings,
+            discharges,
+        };
+        let authorized = authorize(&self.params, &self.remote_endpoint, &peer, wall)?;
+        Ok(dialer_done(
+            self.params,
+            self.answer,
+            self.remote_endpoint,
+            peer,
+            authorized,
+            (self.blessings, self.discharges),
+            Vec::new(),
+        ))
     }
 }
 
@@ -538,13 +695,24 @@ impl Acceptor {
             .params
             .authorizer
             .blessings_for_peer(&self.params.principal, &[])?;
-        let binding = binding_messages(
-            &self.params.principal,
-            &blessings,
-            &discharges,
-            ACCEPTOR_TAG,
-            &hash,
-        );
+        let binding = if self.params.config.blessings_visible_to.is_some() {
+            // Only the key for now: the blessings wait for the dialer's.
+            binding_messages(
+                &self.params.principal,
+                &Blessings::empty(),
+                &Discharges::new(),
+                ACCEPTOR_TAG,
+                &hash,
+            )
+        } else {
+            binding_messages(
+                &self.params.principal,
+                &blessings,
+                &discharges,
+                ACCEPTOR_TAG,
+                &hash,
+            )
+        };
         let mut plain = BytesMut::new();
         flow_message::encode_frame(&binding, &mut plain);
         let binding_frame = sealer.seal_to_bytes(&plain)?;
@@ -597,6 +765,29 @@ impl Acceptor {
                 encrypted_len.saturating_sub(consumed),
             )
         });
+        let mut frames_to_send = Vec::new();
+        if let Some(patterns) = &self.params.config.blessings_visible_to {
+            if !patterns.iter().any(|p| p.matched_by(&authorized.names)) {
+                return Err(Error::not_trusted(format!(
+                    "{remote_endpoint} (names {:?}) may not see this side's blessings",
+                    authorized.names
+                )));
+            }
+            let mut msgs = vec![Message::Blessings(BlessingsMsg {
+                key: CONN_BLESSINGS_KEY,
+                bytes: answer.blessings.to_bytes(),
+            })];
+            if !answer.discharges.is_empty() {
+                msgs.push(Message::Discharges(DischargesMsg {
+                    key: CONN_BLESSINGS_KEY,
+                    blessings_key: CONN_BLESSINGS_KEY,
+                    bytes: answer.discharges.to_bytes(),
+                }));
+            }
+            let mut plain = BytesMut::new();
+            flow_message::encode_frame(&msgs, &mut plain);
+            frames_to_send.push(answer.sealer.seal_to_bytes(&plain)?);
+        }
         Ok(HandshakeDone {
             established: Established {
                 role: Role::Acceptor,
@@ -617,6 +808,7 @@ impl Acceptor {
             requested_endpoint: requested,
             authorized,
             leftover,
+            frames_to_send,
         })
     }
 }
