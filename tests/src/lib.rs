@@ -456,7 +456,14 @@ impl RawPeer {
         let answer = read_frame(&mut io).await?.ok_or_else(|| eof("answer"))?;
         dialer.on_response(answer, Instant::now())?;
         let binding = read_frame(&mut io).await?.ok_or_else(|| eof("binding"))?;
-        let done = dialer.on_binding(binding, SystemTime::now())?;
+        let done = match dialer.on_binding(binding, SystemTime::now())? {
+            flow::conn::handshake::DialerStep::Done(done) => *done,
+            flow::conn::handshake::DialerStep::Reveal { .. } => {
+                return Err(flow::Error::bad_state(
+                    "the raw peer does not reveal itself to hidden acceptors",
+                ));
+            }
+        };
         Ok(RawPeer {
             io,
             binding: done.initial_messages,

@@ -145,9 +145,13 @@ async fn acceptor_refuses_an_untrusted_dialer() {
     // ...but the acceptor refuses her,
     let err = srv.next().await.unwrap_err();
     assert_error(&err, ErrorKind::NotTrusted, "eve");
-    // and her connection ends.
+    // and her connection ends, with the acceptor's reason.
     let closed = within(SHORT, eve.closed()).await;
-    assert_error(&closed, ErrorKind::Network, "closed the connection");
+    assert_error(
+        &closed,
+        ErrorKind::Aborted,
+        "has no blessing matching [alice]",
+    );
     assert!(eve.open_flow(FlowOptions::default()).is_err());
 }
 
@@ -574,11 +578,17 @@ async fn a_flow_dropped_right_after_writing_still_delivers() {
     for i in 0..3u64 {
         let data = Pattern::bytes(i, 100_000);
         let mut flow = d.open_flow(FlowOptions::default()).unwrap();
-        flow.write_msg(&[&data]).await.unwrap();
-        drop(flow);
+        // Beyond its first payload a flow has credit only once accepted, so
+        // the write completes while the acceptor accepts.
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            flow.write_msg(&[&data]).await.unwrap();
+            drop(flow);
+        });
         let mut accepted = within(SHORT, a.accept_flow()).await.unwrap();
+        within(SHORT, writer).await.unwrap();
         let got = within(SHORT, read_to_end(&mut accepted)).await.unwrap();
-        assert!(got == data, "flow {i}: got {} bytes", got.len());
+        assert!(got == expected, "flow {i}: got {} bytes", got.len());
     }
     eventually(SHORT, "flow tables empty", || {
         d.stats().flows_open == 0 && a.stats().flows_open == 0
@@ -737,7 +747,6 @@ async fn writing_a_flow_opened_before_lame_duck_fails_cleanly() {
 }
 
 #[tokio::test]
-#[ignore = "bug: flush on a flow opened before the peer's lame duck sends an OpenFlow after AckLameDuck; the peer kills the conn"]
 async fn flushing_a_flow_opened_before_lame_duck_does_not_break_the_connection() {
     use_after_lame_duck(async |f: &mut flow::conn::Flow| {
         let _ = f.flush().await;
@@ -746,13 +755,11 @@ async fn flushing_a_flow_opened_before_lame_duck_does_not_break_the_connection()
 }
 
 #[tokio::test]
-#[ignore = "bug: close_write on a flow opened before the peer's lame duck sends an OpenFlow after AckLameDuck; the peer kills the conn"]
 async fn half_closing_a_flow_opened_before_lame_duck_does_not_break_the_connection() {
     use_after_lame_duck(async |f: &mut flow::conn::Flow| f.close_write()).await;
 }
 
 #[tokio::test]
-#[ignore = "bug: when both sides health-check at once, an idle conn dies after 1.5 x channel_timeout (writer oversleeps)"]
 async fn an_idle_connection_stays_up_on_health_checks() {
     // Both sides use the same channel timeout, as with the defaults.
     let config = ConnConfig {
@@ -776,12 +783,10 @@ async fn an_idle_connection_stays_up_on_health_checks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: bytes carried in OpenFlow are buffered beyond connection_budget + min_window per flow (documented ceiling)"]
 async fn first_payloads_stay_within_the_connection_budget() {
-    // Flows opened with a first write ride on shared tokens; what they
-    // carry is buffered by the acceptor as part of their windows. The
-    // acceptor documents its ceiling as the budget plus min_window per
-    // flow once the budget is spent (ConnConfig::connection_budget).
+    // Flows not yet accepted hold only their first payloads, bounded
+    // together by the shared tokens; accepted flows get windows from the
+    // budget, then min_window each (ConnConfig::connection_budget).
     const FLOWS: u64 = 48;
     let acceptor = ConnConfig {
         connection_budget: 256 * 1024,
@@ -790,26 +795,28 @@ async fn first_payloads_stay_within_the_connection_budget() {
         shared_tokens: 64 * 1024,
         ..ConnConfig::default()
     };
-    let bound = acceptor.connection_budget + FLOWS * acceptor.min_window;
+    let bound = acceptor.connection_budget
+        + FLOWS * acceptor.min_window
+        + acceptor.effective_shared_tokens();
+    let pool = acceptor.effective_shared_tokens();
     let (d, a) = conn_pair_with(ConnConfig::default(), acceptor).await;
-    let mut flows = Vec::new();
+    // Every flow tries to write 64 KiB at once; nobody reads.
+    let mut writers = Vec::new();
     for i in 0..FLOWS {
         let mut flow = d.open_flow(FlowOptions::default()).unwrap();
-        // Each write takes what credit there is (shared tokens first).
-        let first = Pattern::bytes(i, 64 * 1024);
-        let n = within(
-            SHORT,
-            futures::future::poll_fn(|cx| {
-                use tokio::io::AsyncWrite;
-                std::pin::Pin::new(&mut flow).poll_write(cx, &first)
-            }),
-        )
-        .await
-        .unwrap();
-        assert!(n > 0);
-        flow.flush().await.unwrap();
-        flows.push(flow);
+        writers.push(tokio::spawn(async move {
+            let data = Pattern::bytes(i, 64 * 1024);
+            let _ = flow.write_msg(&[&data]).await;
+            flow
+        }));
     }
+    // Before anything is accepted, at most the shared tokens arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let unaccepted = a.stats().bytes_received;
+    assert!(
+        unaccepted <= pool,
+        "{unaccepted} bytes arrived on flows nobody accepted"
+    );
     let mut accepted = Vec::new();
     for _ in 0..FLOWS {
         accepted.push(within(SHORT, a.accept_flow()).await.unwrap());
@@ -820,7 +827,10 @@ async fn first_payloads_stay_within_the_connection_budget() {
         buffered <= bound,
         "{buffered} bytes buffered by the acceptor, over its documented ceiling of {bound}"
     );
-    drop(flows);
+    assert!(buffered > 256 * 1024, "the accepted flows did get windows");
+    for w in writers {
+        w.abort();
+    }
 }
 
 #[tokio::test]

@@ -14,7 +14,9 @@ pub struct ConnConfig {
     /// the two sides' values (and the transport's limit) is used.
     pub max_frame: usize,
     /// Bytes of shared credit granted to the peer for the payloads of new
-    /// flows (sent inside `OpenFlow`, before the flow's own credit arrives).
+    /// flows (sent inside `OpenFlow`, before the flow is accepted and gets
+    /// credit of its own). At most `min_window` is granted, so a flow's
+    /// first payload never exceeds the smallest window it can be given.
     pub shared_tokens: u64,
     /// Receive window a new flow starts with, in bytes.
     pub initial_window: u64,
@@ -22,9 +24,11 @@ pub struct ConnConfig {
     pub min_window: u64,
     /// Largest window auto-tuning may grow a flow to.
     pub max_window: u64,
-    /// Bound on the sum of all flows' receive windows, in bytes: the most
-    /// this side buffers for the connection (beyond `min_window` per flow
-    /// once the budget is spent).
+    /// Bound on the sum of the receive windows of accepted flows, in bytes.
+    /// Once it is spent, flows get `min_window` each; flows not yet accepted
+    /// hold only their first payloads, bounded together by the shared
+    /// tokens. So this side buffers at most `connection_budget +
+    /// accepted flows x min_window + shared tokens` for the connection.
     pub connection_budget: u64,
     /// Most flows open at once on the connection (both directions).
     pub max_flows: usize,
@@ -50,13 +54,21 @@ pub struct ConnConfig {
     pub reveal_to_hidden_acceptors: bool,
 }
 
+impl ConnConfig {
+    /// The shared tokens actually granted: `shared_tokens`, at most
+    /// `min_window`.
+    pub fn effective_shared_tokens(&self) -> u64 {
+        self.shared_tokens.min(self.min_window)
+    }
+}
+
 impl Default for ConnConfig {
     fn default() -> Self {
         ConnConfig {
             max_frame: 64 * 1024,
-            shared_tokens: 64 * 1024,
+            shared_tokens: 32 * 1024,
             initial_window: 256 * 1024,
-            min_window: 16 * 1024,
+            min_window: 32 * 1024,
             max_window: 16 * 1024 * 1024,
             connection_budget: 64 * 1024 * 1024,
             max_flows: 1 << 17,

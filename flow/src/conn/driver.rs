@@ -43,9 +43,24 @@ pub(crate) struct Shared {
 /// Cheap to clone; every clone is the same connection. This is also the
 /// "managed connection" view flows give of their connection: endpoints,
 /// blessings, negotiated version, RTT, last use, `closed()`.
+///
+/// When every handle (and every flow) is gone, the connection closes.
 #[derive(Clone)]
 pub struct Conn {
     pub(crate) shared: Arc<Shared>,
+    _guard: Arc<CloseOnDrop>,
+}
+
+/// Closes the connection when the last [`Conn`] handle goes (the reader and
+/// writer tasks hold [`Shared`] only, so they do not keep it open).
+struct CloseOnDrop(std::sync::Weak<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.state.lock().close("every handle was dropped");
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -142,7 +157,17 @@ impl Conn {
             writer.write_frames(&answer).await?;
             let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
             let done =
-                acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)?;
+                match acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)
+                {
+                    Ok(done) => done,
+                    Err(refusal) => {
+                        if let Some(goodbye) = refusal.goodbye {
+                            let _ = writer.write_frames(&[goodbye]).await;
+                            let _ = writer.close().await;
+                        }
+                        return Err(refusal.error);
+                    }
+                };
             if !done.frames_to_send.is_empty() {
                 writer.write_frames(&done.frames_to_send).await?;
             }
@@ -193,7 +218,11 @@ impl Conn {
         });
         tokio::spawn(read_loop(shared.clone(), reader, done.opener));
         tokio::spawn(write_loop(shared.clone(), writer, done.sealer));
-        Conn { shared }
+        let guard = Arc::new(CloseOnDrop(Arc::downgrade(&shared)));
+        Conn {
+            shared,
+            _guard: guard,
+        }
     }
 
     /// Opens a flow to the peer. Nothing goes out until the first write or
@@ -367,7 +396,7 @@ async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut op
         let mut state = shared.state.lock();
         if err.kind() == ErrorKind::Auth {
             // A frame that fails authentication: tell the peer if we can.
-            state.close(err.message());
+            state.close_with(err);
         } else {
             state.transport_failed(err);
         }
@@ -378,27 +407,37 @@ async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut op
 /// Waits until the state machine has something to send or a deadline
 /// passes (running the health-check clock).
 async fn wait_for_work(shared: &Shared) {
+    enum Woke {
+        Work,
+        Timer,
+        Rearm,
+    }
     loop {
         let deadline = shared.state.lock().poll_timeout();
         let mut sleep = pin!(deadline.map(|d| tokio::time::sleep_until(d.into())));
         let woke = poll_fn(|cx| {
             let mut state = shared.state.lock();
             if state.wants_to_send() || state.is_finished() {
-                return Poll::Ready(true);
+                return Poll::Ready(Woke::Work);
+            }
+            if state.poll_timeout() != deadline {
+                // Something moved the deadline (say, an answered health
+                // check): sleep towards the new one.
+                return Poll::Ready(Woke::Rearm);
             }
             state.register_writer(cx.waker());
             drop(state);
             match sleep.as_mut().as_pin_mut() {
-                Some(s) => s.poll(cx).map(|()| false),
+                Some(s) => s.poll(cx).map(|()| Woke::Timer),
                 None => Poll::Pending,
             }
         })
         .await;
-        if woke {
-            return;
+        match woke {
+            Woke::Work => return,
+            Woke::Rearm => {}
+            Woke::Timer => shared.state.lock().handle_timeout(Instant::now()),
         }
-        let mut state = shared.state.lock();
-        state.handle_timeout(Instant::now());
     }
 }
 

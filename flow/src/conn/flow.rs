@@ -184,10 +184,7 @@ impl Flow {
     /// Makes pending and later reads and writes fail with `Timeout` from
     /// `deadline` on; `None` removes the deadline.
     pub fn set_deadline(&self, deadline: Option<Instant>) {
-        *self.reader.inner.deadline.lock() = deadline;
-        // Wake both halves so they re-arm their timers.
-        let inner = &self.reader.inner;
-        inner.conn.shared.state.lock().wake_flow(inner.id);
+        set_deadline(&self.reader.inner, deadline);
     }
 
     /// Sends every later write as exactly one message, never split (for
@@ -299,6 +296,11 @@ impl FlowReader {
         poll_fn(|cx| self.poll_chunk(cx, usize::MAX)).await
     }
 
+    /// See [`Flow::set_deadline`] (it applies to both halves).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        set_deadline(&self.inner, deadline);
+    }
+
     /// The connection this flow is on.
     pub fn conn(&self) -> &Conn {
         &self.inner.conn
@@ -355,6 +357,11 @@ impl FlowWriter {
         poll_fn(|cx| self.poll_flush_flow(cx)).await
     }
 
+    /// See [`Flow::set_deadline`] (it applies to both halves).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        set_deadline(&self.inner, deadline);
+    }
+
     /// See [`Flow::close_write`].
     pub fn close_write(&self) {
         let inner = &self.inner;
@@ -365,6 +372,12 @@ impl FlowWriter {
     pub fn conn(&self) -> &Conn {
         &self.inner.conn
     }
+}
+
+fn set_deadline(inner: &FlowInner, deadline: Option<Instant>) {
+    *inner.deadline.lock() = deadline;
+    // Wake both halves so they re-arm their timers.
+    inner.conn.shared.state.lock().wake_flow(inner.id);
 }
 
 fn advance(parts: &mut Vec<&[u8]>, mut n: usize) {

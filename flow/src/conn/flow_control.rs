@@ -104,6 +104,15 @@ impl RecvWindow {
         }
     }
 
+    /// Widens the window to `window` bytes (when the flow is accepted);
+    /// returns the credit added for the peer.
+    pub(crate) fn widen_to(&mut self, window: u64) -> u64 {
+        let added = window.saturating_sub(self.window);
+        self.window += added;
+        self.outstanding += added;
+        added
+    }
+
     /// The current window size.
     pub(crate) fn window(&self) -> u64 {
         self.window

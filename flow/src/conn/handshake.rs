@@ -125,7 +125,7 @@ fn local_setup(params: &HandshakeParams, remote: Option<&Endpoint>) -> Setup {
         hidden_blessings,
         versions: SUPPORTED_VERSIONS,
         mtu: Some(receive_mtu(params) as u64),
-        shared_tokens: Some(params.config.shared_tokens),
+        shared_tokens: Some(params.config.effective_shared_tokens()),
         initial_window: Some(params.config.initial_window),
         peer_remote_endpoint: remote.map(ToString::to_string),
         peer_local_endpoint: Some(params.local_endpoint.to_string()),
@@ -531,6 +531,7 @@ fn dialer_done(
             role: Role::Dialer,
             version: answer.version,
             max_frame: answer.max_frame,
+            max_recv_frame: receive_mtu(&params),
             peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
             rtt: answer.rtt,
             local_blessings: blessings,
@@ -598,6 +599,12 @@ impl DialerRevealWait {
                 }
                 Message::Discharges(d) if d.key == CONN_BLESSINGS_KEY => {
                     discharges = Discharges::decode(d.bytes)?;
+                }
+                Message::TearDown(td) => {
+                    return Err(Error::not_trusted(format!(
+                        "the acceptor refused to show its blessings: {}",
+                        td.reason
+                    )));
                 }
                 other => {
                     return Err(Error::auth(format!(
@@ -739,9 +746,9 @@ impl Acceptor {
         now: Instant,
         wall: SystemTime,
         remote_addr: &str,
-    ) -> Result<HandshakeDone> {
+    ) -> Result<HandshakeDone, Refusal> {
         let Some(mut answer) = self.answered else {
-            return Err(Error::bad_state("handshake binding before the hello"));
+            return Err(Error::bad_state("handshake binding before the hello").into());
         };
         let (plain, encrypted_len) = answer.opener.open(frame)?;
         let mut r = Reader::new(plain.clone(), "Frame");
@@ -758,7 +765,10 @@ impl Acceptor {
             Some(ep) => ep,
             None => Endpoint::new("", remote_addr),
         };
-        let authorized = authorize(&self.params, &remote_endpoint, &peer, wall)?;
+        let authorized = match authorize(&self.params, &remote_endpoint, &peer, wall) {
+            Ok(a) => a,
+            Err(error) => return Err(Refusal::with_goodbye(error, &mut answer.sealer)),
+        };
         let leftover = (consumed < plain.len()).then(|| {
             (
                 plain.slice(consumed..),
@@ -768,10 +778,11 @@ impl Acceptor {
         let mut frames_to_send = Vec::new();
         if let Some(patterns) = &self.params.config.blessings_visible_to {
             if !patterns.iter().any(|p| p.matched_by(&authorized.names)) {
-                return Err(Error::not_trusted(format!(
+                let error = Error::not_trusted(format!(
                     "{remote_endpoint} (names {:?}) may not see this side's blessings",
                     authorized.names
-                )));
+                ));
+                return Err(Refusal::with_goodbye(error, &mut answer.sealer));
             }
             let mut msgs = vec![Message::Blessings(BlessingsMsg {
                 key: CONN_BLESSINGS_KEY,
@@ -793,6 +804,7 @@ impl Acceptor {
                 role: Role::Acceptor,
                 version: answer.version,
                 max_frame: answer.max_frame,
+                max_recv_frame: receive_mtu(&self.params),
                 peer_shared_tokens: answer.setup.shared_tokens.unwrap_or(0),
                 rtt: now.saturating_duration_since(answer.sent_at),
                 local_blessings: answer.blessings,
@@ -810,5 +822,36 @@ impl Acceptor {
             leftover,
             frames_to_send,
         })
+    }
+}
+
+/// An acceptor's refusal of a dialer, with a sealed `TearDown` telling the
+/// dialer why when the keys were already agreed.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Why the handshake failed.
+    pub error: Error,
+    /// The sealed `TearDown` to send the dialer, if any.
+    pub goodbye: Option<Bytes>,
+}
+
+impl Refusal {
+    fn with_goodbye(error: Error, sealer: &mut FrameSealer) -> Refusal {
+        let mut plain = BytesMut::new();
+        Message::TearDown(flow_message::TearDown {
+            reason: error.message().to_string(),
+        })
+        .encode(&mut plain);
+        let goodbye = sealer.seal_to_bytes(&plain).ok();
+        Refusal { error, goodbye }
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(error: Error) -> Self {
+        Refusal {
+            error,
+            goodbye: None,
+        }
     }
 }

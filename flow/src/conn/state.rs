@@ -81,6 +81,8 @@ pub struct Established {
     pub version: u32,
     /// Largest plaintext frame this side may send.
     pub max_frame: usize,
+    /// Largest plaintext frame this side accepts (what it announced).
+    pub max_recv_frame: usize,
     /// Shared tokens the peer granted for first payloads.
     pub peer_shared_tokens: u64,
     /// Round-trip time measured during the handshake.
@@ -249,6 +251,7 @@ pub struct ConnState {
     config: ConnConfig,
     version: u32,
     max_frame: usize,
+    max_recv_frame: usize,
     flows: HashMap<FlowId, FlowEntry>,
     next_local_seq: u64,
     next_provisional: u64,
@@ -257,6 +260,9 @@ pub struct ConnState {
     accept_queue: VecDeque<FlowId>,
     accept_waker: Option<Waker>,
     pool: SharedPool,
+    /// Bytes the peer's `OpenFlow`s carried on flows not yet accepted: the
+    /// shared tokens it has in use, as this side counts them.
+    peer_pool_in_use: u64,
     budget: Budget,
     ready: VecDeque<FlowId>,
     release_queue: VecDeque<FlowId>,
@@ -318,6 +324,7 @@ impl ConnState {
             role: est.role,
             version: est.version,
             max_frame: est.max_frame,
+            max_recv_frame: est.max_recv_frame,
             flows: HashMap::new(),
             next_local_seq: 1,
             next_provisional: 1,
@@ -326,6 +333,7 @@ impl ConnState {
             accept_queue: VecDeque::new(),
             accept_waker: None,
             pool: SharedPool::new(est.peer_shared_tokens),
+            peer_pool_in_use: 0,
             budget,
             ready: VecDeque::new(),
             release_queue: VecDeque::new(),
@@ -563,6 +571,13 @@ impl ConnState {
         self.fail(err, Some(reason.to_string()));
     }
 
+    /// Closes the connection with `err` (its kind kept), telling the peer
+    /// its message.
+    pub fn close_with(&mut self, err: Error) {
+        let reason = err.message().to_string();
+        self.fail(err, Some(reason));
+    }
+
     /// The transport failed or ended: nothing more can be sent or received.
     pub fn transport_failed(&mut self, err: Error) {
         self.fail(err, None);
@@ -627,6 +642,12 @@ impl ConnState {
         self.last_received = now;
         self.stats.frames_received += 1;
         let frame_len = frame.len();
+        if frame_len > self.max_recv_frame {
+            return self.violate(format!(
+                "frame of {frame_len} bytes, over the {} announced",
+                self.max_recv_frame
+            ));
+        }
         let mut reader = Reader::new(frame, "Frame");
         if reader.is_empty() {
             return self.violate("empty frame");
@@ -684,6 +705,9 @@ impl ConnState {
                 if let Some(sent) = self.health_sent_at.take() {
                     self.rtt = now.saturating_duration_since(sent);
                     self.last_rtt_sample = now;
+                    // The next check is due earlier than the deadline the
+                    // writer sleeps towards.
+                    wake_opt(&mut self.writer_waker);
                 }
                 Ok(())
             }
@@ -795,10 +819,11 @@ impl ConnState {
             )));
         }
         let carried = open.payload.len() as u64;
-        if carried > self.config.shared_tokens {
+        let granted = self.config.effective_shared_tokens();
+        if self.peer_pool_in_use + carried > granted {
             return Err(violation(format!(
-                "OpenFlow carried {carried} bytes, more than the {} shared tokens granted",
-                self.config.shared_tokens
+                "OpenFlow carried {carried} bytes with {} of the {granted} shared tokens already in use",
+                self.peer_pool_in_use
             )));
         }
         if !self.remote_blessings.contains_key(&open.blessings_key) {
@@ -814,9 +839,10 @@ impl ConnState {
             )));
         }
         self.highest_peer_id = Some(id);
-        let window =
-            self.budget
-                .open_window(self.config.initial_window, self.config.min_window, carried);
+        // Until the application accepts the flow, the peer has no credit on
+        // it: what the OpenFlow carried is paid from the shared tokens, which
+        // go back (with the flow's own window) at accept.
+        self.peer_pool_in_use += carried;
         let side_channel = open.flags.contains(Flags::SIDE_CHANNEL);
         let mut entry = FlowEntry {
             opened: true,
@@ -827,11 +853,9 @@ impl ConnState {
             queued: 0,
             in_ready: false,
             recv_state: RecvState::Open,
-            window: RecvWindow::opened_by_peer(window, carried),
+            window: RecvWindow::opened_by_peer(carried, carried),
             recv_queue: VecDeque::new(),
-            // The first grant, even of zero bytes, returns the peer's
-            // borrowed shared tokens.
-            pending_release: Some(window - carried),
+            pending_release: None,
             discarding: false,
             handle_alive: false,
             side_channel,
@@ -858,7 +882,6 @@ impl ConnState {
             self.busy_flows += 1;
         }
         self.stats.flows_opened += 1;
-        self.release_queue.push_back(id);
         self.accept_queue.push_back(id);
         if let Some(w) = self.accept_waker.take() {
             w.wake();
@@ -1268,6 +1291,20 @@ impl ConnState {
         while let Some(id) = self.accept_queue.pop_front() {
             if let Some(entry) = self.flows.get_mut(&id) {
                 entry.handle_alive = true;
+                let carried = entry.window.window();
+                self.peer_pool_in_use -= carried;
+                let window = self.budget.open_window(
+                    self.config.initial_window,
+                    self.config.min_window,
+                    carried,
+                );
+                let grant = entry.window.widen_to(window);
+                // The first grant, even of zero bytes, returns the peer's
+                // borrowed shared tokens.
+                if self.lifecycle == Lifecycle::Open {
+                    queue_release(&mut self.release_queue, id, entry, grant);
+                    wake_opt(&mut self.writer_waker);
+                }
                 return Poll::Ready(Ok(id));
             }
         }
@@ -1423,6 +1460,7 @@ impl ConnState {
         }
         let max_message = self.max_message();
         let max_chunk = self.max_chunk();
+        let max_queue = self.config.max_window.max(max_message as u64);
         let lame_duck_ack_sent = self.lame_duck_ack_sent;
         let entry = match self.flows.get_mut(&id) {
             Some(e) => e,
@@ -1458,6 +1496,9 @@ impl ConnState {
         } else {
             0
         };
+        // The peer's credit may be huge: never queue more than a window's
+        // worth locally.
+        let have = have.min(max_queue.saturating_sub(entry.queued));
         let n = if entry.whole_messages {
             if have < total as u64 { 0 } else { total }
         } else {
@@ -1525,6 +1566,11 @@ impl ConnState {
         let Some(entry) = self.flows.get_mut(&id) else {
             return Poll::Ready(Ok(()));
         };
+        if !entry.opened && self.lame_duck_ack_sent && !entry.in_ready {
+            return Poll::Ready(Err(Error::bad_state(
+                "connection is in lame duck: the peer asked for no new flows",
+            )));
+        }
         let pending =
             !entry.opened || entry.send_state == SendState::Closing || !entry.send_queue.is_empty();
         if !pending {
@@ -1547,6 +1593,12 @@ impl ConnState {
             return;
         };
         if entry.send_state == SendState::Open {
+            if !entry.opened && self.lame_duck_ack_sent && !entry.in_ready {
+                // The peer never heard of this flow and may not any more.
+                entry.send_state = SendState::Closed;
+                entry.wake_closed();
+                return;
+            }
             entry.send_state = SendState::Closing;
             schedule(&mut self.ready, id, entry);
             wake_opt(&mut self.writer_waker);

@@ -19,7 +19,8 @@ fn established(role: Role) -> Established {
         role,
         version: 1,
         max_frame: 16 * 1024,
-        peer_shared_tokens: ConnConfig::default().shared_tokens,
+        max_recv_frame: 16 * 1024,
+        peer_shared_tokens: ConnConfig::default().effective_shared_tokens(),
         rtt: Duration::from_millis(1),
         local_blessings: Blessings::empty(),
         local_discharges: Discharges::new(),
@@ -48,9 +49,9 @@ impl Pair {
     fn with_config(config: ConnConfig) -> Self {
         let now = Instant::now();
         let mut b_est = established(Role::Acceptor);
-        b_est.peer_shared_tokens = config.shared_tokens;
+        b_est.peer_shared_tokens = config.effective_shared_tokens();
         let mut a_est = established(Role::Dialer);
-        a_est.peer_shared_tokens = config.shared_tokens;
+        a_est.peer_shared_tokens = config.effective_shared_tokens();
         Pair {
             a: ConnState::new(config.clone(), a_est, now),
             b: ConnState::new(config, b_est, now),
@@ -245,7 +246,12 @@ fn slow_reader_stops_sender_at_the_window() {
     let window = ConnConfig::default().initial_window as usize;
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     let chunk = vec![7u8; 4096];
-    let mut sent = 0;
+    let mut sent = write_all(&mut p.a, f, &chunk);
+    p.pump();
+    // Until the flow is accepted only the first payload may go.
+    assert_eq!(write_all(&mut p.a, f, &chunk), 0);
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
     for _ in 0..1000 {
         let n = write_all(&mut p.a, f, &chunk);
         sent += n;
@@ -255,7 +261,6 @@ fn slow_reader_stops_sender_at_the_window() {
         }
     }
     assert_eq!(sent, window, "sender stopped exactly at the window");
-    let g = accept(&mut p.b).unwrap();
     let (got, _) = read_all(&mut p.b, g);
     assert_eq!(got.len(), window);
     p.pump();
@@ -301,13 +306,21 @@ fn shared_tokens_return_after_first_grant() {
     let f1 = p.a.open_flow(FlowOptions::default()).unwrap();
     assert_eq!(write_all(&mut p.a, f1, &[0u8; 5000]), 1000);
     let f2 = p.a.open_flow(FlowOptions::default()).unwrap();
-    // The pool is spent until the first grant comes back.
+    // The pool is spent until the first grant comes back, which happens
+    // when the peer's application accepts the flow.
+    // (f2 goes out as an empty OpenFlow to earn its own credit.)
     assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 0);
     p.pump();
-    assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 10);
-    p.pump();
+    assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 0);
     assert_eq!(accept(&mut p.b), p.a.wire_id(f1));
+    p.pump();
+    // f1's first grant returned the pool: a new flow may borrow again.
+    let f3 = p.a.open_flow(FlowOptions::default()).unwrap();
+    assert_eq!(write_all(&mut p.a, f3, &[0u8; 10]), 10);
+    // f2 gets its own credit once accepted.
     assert_eq!(accept(&mut p.b), p.a.wire_id(f2));
+    p.pump();
+    assert_eq!(write_all(&mut p.a, f2, &[0u8; 10]), 10);
 }
 
 #[test]
@@ -351,6 +364,7 @@ fn lame_duck_stops_new_flows_and_is_acknowledged() {
     // Both flows opened before the ack arrived and work.
     assert!(accept(&mut p.a).is_some());
     assert!(accept(&mut p.a).is_some());
+    p.pump();
     write_all(&mut p.b, existing, b" and after");
     p.pump();
     let existing_in_a = p.b.wire_id(existing).unwrap();
@@ -418,16 +432,19 @@ fn whole_messages_keep_their_boundaries() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     p.a.disable_fragmentation(f).unwrap();
+    let mut g = None;
     for msg in [&b"one"[..], b"two!", &[9u8; 3000]] {
-        // Before the flow's own credit arrives only one message may ride in
-        // the OpenFlow: the next write waits.
+        // Before the flow's own credit arrives (at accept) only one message
+        // may ride in the OpenFlow: the next write waits.
         if write_all(&mut p.a, f, msg) == 0 {
+            p.pump();
+            g = accept(&mut p.b).or(g);
             p.pump();
             assert_eq!(write_all(&mut p.a, f, msg), msg.len());
         }
     }
     p.pump();
-    let g = accept(&mut p.b).unwrap();
+    let g = g.unwrap();
     let mut got = Vec::new();
     while let Poll::Ready(Ok(Some(b))) = p.b.poll_read(&mut cx(), p.now, g, usize::MAX) {
         got.push(b.len());
@@ -445,6 +462,8 @@ fn passthrough_payloads_travel_outside_the_encrypted_part() {
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     write_all(&mut p.a, f, b"open");
     p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
     p.a.set_passthrough(f).unwrap();
     write_all(&mut p.a, f, b"sealed elsewhere");
     let mut buf = BytesMut::new();
@@ -452,7 +471,6 @@ fn passthrough_payloads_travel_outside_the_encrypted_part() {
     assert_eq!(&buf[built.encrypted_len..], b"sealed elsewhere");
     p.b.handle_frame(p.now, buf.freeze(), built.encrypted_len)
         .unwrap();
-    let g = accept(&mut p.b).unwrap();
     assert_eq!(read_all(&mut p.b, g).0, b"opensealed elsewhere");
 }
 
@@ -508,11 +526,63 @@ fn data_beyond_credit_closes_the_connection() {
         established(Role::Acceptor),
         Instant::now(),
     );
-    inject(&mut conn, &[open_msg(2, b"")]).unwrap();
-    let window = ConnConfig::default().initial_window as usize;
-    let too_much = Bytes::from(vec![0u8; window + 1]);
-    let r = inject(&mut conn, &[data_msg(2, too_much)]);
+    // A flow not yet accepted has no credit beyond its first payload.
+    inject(&mut conn, &[open_msg(2, b"x")]).unwrap();
+    let r = inject(&mut conn, &[data_msg(2, Bytes::from_static(b"y"))]);
     assert_violation(&conn, r, "credit");
+
+    // An accepted flow has its window, and not a byte more.
+    let config = ConnConfig {
+        initial_window: 40_000,
+        ..ConnConfig::default()
+    };
+    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    inject(&mut conn, &[open_msg(2, b"")]).unwrap();
+    assert!(conn.poll_accept(&mut cx()).is_ready());
+    let piece = Bytes::from(vec![0u8; 10_000]);
+    for _ in 0..4 {
+        inject(&mut conn, &[data_msg(2, piece.clone())]).unwrap();
+    }
+    let r = inject(&mut conn, &[data_msg(2, Bytes::from_static(b"z"))]);
+    assert_violation(&conn, r, "credit");
+}
+
+#[test]
+fn frames_over_the_announced_size_close_the_connection() {
+    let mut conn = ConnState::new(
+        ConnConfig::default(),
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    let big = Bytes::from(vec![0u8; 20_000]);
+    let r = inject(&mut conn, &[open_msg(2, b""), data_msg(2, big)]);
+    assert_violation(&conn, r, "announced");
+}
+
+#[test]
+fn first_payloads_of_unaccepted_flows_are_bounded_by_the_shared_tokens() {
+    let config = ConnConfig {
+        shared_tokens: 100,
+        ..ConnConfig::default()
+    };
+    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    inject(&mut conn, &[open_msg(2, &[1; 60])]).unwrap();
+    // 60 in use: 40 left until the first flow is accepted.
+    let r = inject(&mut conn, &[open_msg(4, &[1; 60])]);
+    assert_violation(&conn, r, "shared tokens");
+
+    let mut conn = ConnState::new(
+        ConnConfig {
+            shared_tokens: 100,
+            ..ConnConfig::default()
+        },
+        established(Role::Acceptor),
+        Instant::now(),
+    );
+    inject(&mut conn, &[open_msg(2, &[1; 60])]).unwrap();
+    assert!(conn.poll_accept(&mut cx()).is_ready());
+    // Accepting returned the tokens.
+    inject(&mut conn, &[open_msg(4, &[1; 60])]).unwrap();
 }
 
 #[test]
@@ -816,6 +886,8 @@ fn rtt_is_sampled_while_data_flows() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     write_all(&mut p.a, f, b"first");
+    p.pump();
+    accept(&mut p.b).unwrap();
     p.pump();
     let frames_before = p.a.stats().messages_sent;
     // A second later, with data to send, a probe rides along.
