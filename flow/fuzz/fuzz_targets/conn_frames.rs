@@ -56,6 +56,7 @@ fn established() -> Established {
         role: Role::Acceptor,
         version: 1,
         max_frame: 16 * 1024,
+        max_recv_frame: 16 * 1024,
         peer_shared_tokens: 4096,
         rtt: Duration::from_millis(1),
         local_blessings: Blessings::empty(),
