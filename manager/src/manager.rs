@@ -163,9 +163,22 @@ impl ManagerBuilder {
             closing: Mutex::new(false),
             closed: closed_tx,
             reaper_wake: Notify::new(),
+            fd_hook: Mutex::new(None),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner)));
         let manager = Manager { inner };
+        let weak = Arc::downgrade(&manager.inner);
+        let hook: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                let n = Manager { inner }.evict_lru(FD_EVICTION_BATCH);
+                tracing::warn!(
+                    closed = n,
+                    "out of file descriptors; closed idle connections"
+                );
+            }
+        });
+        flow_protocols::pressure::on_resource_exhaustion(&hook);
+        *manager.inner.fd_hook.lock() = Some(hook);
         if own_registry {
             // A registry of its own gets the `proxy` protocol, dialing
             // through this manager. (Callers who pass a registry register
@@ -212,6 +225,9 @@ pub(crate) struct Inner {
     closing: Mutex<bool>,
     closed: watch::Sender<bool>,
     reaper_wake: Notify,
+    /// Registered with `flow_protocols::pressure`: listeners out of file
+    /// descriptors ask the manager to close idle connections.
+    fd_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 /// Manages flows and the connections under them.

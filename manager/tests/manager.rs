@@ -533,3 +533,17 @@ async fn servers_can_hide_their_blessings_from_strangers() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
 }
+
+#[tokio::test]
+async fn listeners_out_of_descriptors_make_managers_close_idle_connections() {
+    let (server, ep) = listening("server").await;
+    serve_echo(&server);
+    let client = manager("client");
+    assert_eq!(echo_once(&client, &ep, b"x").await, b"x");
+    let idle = client.connections()[0].clone();
+    within(5, idle.idle()).await;
+    // What a listener does when accept fails with EMFILE.
+    assert!(flow_protocols::pressure::resources_exhausted() >= 2);
+    within(5, idle.closed()).await;
+    assert!(client.connections().is_empty());
+}

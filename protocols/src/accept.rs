@@ -281,6 +281,8 @@ async fn accept_loop<A: RawAccept>(
                     continue;
                 }
                 AcceptFailure::Resources => {
+                    // Let connection holders close idle connections first.
+                    crate::pressure::resources_exhausted();
                     tracing::warn!(
                         listener = %label,
                         error = %err,

@@ -25,6 +25,7 @@
 mod accept;
 mod framing;
 pub mod memory;
+pub mod pressure;
 mod registry;
 pub mod tcp;
 #[cfg(unix)]
