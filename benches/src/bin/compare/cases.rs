@@ -89,6 +89,9 @@ pub(crate) struct Params {
     pub(crate) open_count: usize,
     /// Idle streams held by `idle-memory`.
     pub(crate) idle_count: usize,
+    /// Longest time `idle-memory` spends opening streams (a system that
+    /// opens them slower is measured with fewer).
+    pub(crate) idle_time: Duration,
     /// Connections made by `handshake`.
     pub(crate) handshake_count: usize,
 }
@@ -397,15 +400,18 @@ async fn handshake(system: System, creds: &Credentials, p: &Params) -> Result<Ou
         .note("authenticated", system.authenticates()))
 }
 
-/// Opens `count` idle streams on `client` (each sends one byte and reads
-/// one back), `parallel` at a time, and adds them to `into`.
+/// Opens up to `count` idle streams on `client` (each sends one byte and
+/// reads one back), `parallel` at a time, and adds them to `into`; starts no
+/// new one after `deadline`.
 pub(crate) async fn open_idle(
     client: &Client,
     count: usize,
     parallel: usize,
+    deadline: Option<Instant>,
     into: &mut Vec<BoxStream>,
 ) -> Result<()> {
     futures::stream::iter(0..count)
+        .take_while(|_| futures::future::ready(deadline.is_none_or(|d| Instant::now() < d)))
         .map(|_| async {
             let mut stream = client.open().await?;
             stream.write_all(b"H").await?;

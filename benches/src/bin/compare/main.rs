@@ -91,6 +91,7 @@ fn parse_args() -> Result<Args> {
     let mut iters = None;
     let mut count = None;
     let mut rounds = None;
+    let mut idle_ms = None;
     let mut quick = false;
     let mut json = false;
     let mut serve = None;
@@ -113,6 +114,7 @@ fn parse_args() -> Result<Args> {
             "--rounds" => rounds = Some(number::<usize>("--rounds", args.next())?),
             "--quick" => quick = true,
             "--json" => json = true,
+            "--idle-ms" => idle_ms = Some(number::<u64>("--idle-ms", args.next())?),
             "--child-serve" => serve = args.next(),
             "--child-dial" => dial = args.next(),
             "--addr" => addr = args.next(),
@@ -139,6 +141,7 @@ fn parse_args() -> Result<Args> {
             load_time: Duration::from_millis(500),
             open_count: 3_000,
             idle_count: 10_000,
+            idle_time: Duration::from_secs(5),
             handshake_count: 200,
         }
     } else {
@@ -149,6 +152,7 @@ fn parse_args() -> Result<Args> {
             load_time: Duration::from_secs(2),
             open_count: 20_000,
             idle_count: 100_000,
+            idle_time: Duration::from_secs(20),
             handshake_count: 1_000,
         }
     };
@@ -163,6 +167,9 @@ fn parse_args() -> Result<Args> {
         params.open_count = count;
         params.idle_count = count;
         params.handshake_count = count;
+    }
+    if let Some(ms) = idle_ms {
+        params.idle_time = Duration::from_millis(ms);
     }
     let system_arg = |name: Option<String>| -> Result<Option<System>> {
         name.map(|n| System::parse(&n).ok_or_else(|| format!("unknown system {n}").into()))
@@ -227,12 +234,7 @@ fn run() -> Result<()> {
             return runtime.block_on(memory::child_serve(*system, args.params.idle_count, &creds));
         }
         Some(Child::Dial(system, addr)) => {
-            return runtime.block_on(memory::child_dial(
-                *system,
-                args.params.idle_count,
-                addr,
-                &creds,
-            ));
+            return runtime.block_on(memory::child_dial(*system, &args.params, addr, &creds));
         }
         None => {}
     }
@@ -248,7 +250,7 @@ fn run() -> Result<()> {
                     continue;
                 }
                 let outcome = if case == Case::IdleMemory {
-                    memory::measure(system, args.params.idle_count, &creds)
+                    memory::measure(system, &args.params, &creds)
                 } else {
                     // Let the previous run's connections finish closing.
                     std::thread::sleep(Duration::from_millis(100));
