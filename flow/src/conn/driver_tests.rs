@@ -347,3 +347,23 @@ async fn revealed_blessings_still_face_the_dialers_authorizer() {
     assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
     assert!(err.message().contains("server"), "{err}");
 }
+
+#[test]
+fn a_proxy_can_read_the_requested_endpoint_from_the_hello() {
+    use super::handshake::{Dialer, is_hello, peek_hello, requested_endpoint};
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let target = Endpoint::new("tcp", "10.0.0.1:9")
+        .with_routing_id(RoutingId::random())
+        .with_route([RoutingId::random()]);
+    let (_d, hello) = Dialer::start(
+        params(&alice, Arc::new(AllowEveryone)),
+        target.clone(),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(is_hello(&hello));
+    assert_eq!(requested_endpoint(&hello).unwrap(), target);
+    assert_eq!(peek_hello(&hello).unwrap().versions.min, 1);
+    assert!(peek_hello(b"garbage").is_err());
+    assert!(peek_hello(&hello[..10]).is_err());
+}

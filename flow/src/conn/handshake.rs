@@ -167,6 +167,38 @@ fn parse_endpoint(s: Option<&String>, field: &str) -> Result<Option<Endpoint>> {
     }
 }
 
+/// Bytes of the Noise ephemeral key at the start of the dialer's hello.
+const NOISE_E_LEN: usize = 32;
+
+/// Whether `frame` is a dialer's first handshake frame.
+pub fn is_hello(frame: &[u8]) -> bool {
+    frame.len() > MAGIC.len() && &frame[..MAGIC.len()] == MAGIC
+}
+
+/// Reads the dialer's `Setup` from its first handshake frame without
+/// taking part in the handshake: it travels in the clear, so a proxy can
+/// learn the endpoint the dialer wants (`peer_remote_endpoint`) and route
+/// the frame, untouched, to it.
+pub fn peek_hello(frame: &[u8]) -> Result<Setup> {
+    if !is_hello(frame) {
+        return Err(Error::bad_arg("not a flow handshake (bad magic)"));
+    }
+    let start = MAGIC.len() + 1 + NOISE_E_LEN;
+    if frame.len() < start {
+        return Err(Error::bad_arg("handshake hello is truncated"));
+    }
+    decode_setup(Bytes::copy_from_slice(&frame[start..]))
+}
+
+/// The endpoint a dialer's first handshake frame asks for.
+pub fn requested_endpoint(frame: &[u8]) -> Result<Endpoint> {
+    let setup = peek_hello(frame)?;
+    match parse_endpoint(setup.peer_remote_endpoint.as_ref(), "remote endpoint")? {
+        Some(ep) => Ok(ep),
+        None => Err(Error::bad_arg("handshake hello names no endpoint")),
+    }
+}
+
 /// Settles version and frame size from the two setups.
 fn negotiate(params: &HandshakeParams, peer: &Setup) -> Result<(u32, usize)> {
     let version = SUPPORTED_VERSIONS.common(peer.versions).ok_or_else(|| {
