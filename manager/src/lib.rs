@@ -10,12 +10,16 @@
 
 mod accept;
 mod cache;
+mod dial_any;
 mod flow_conn;
 mod manager;
 mod pin;
+mod proxy_listen;
 mod status;
 
+pub use dial_any::HAPPY_EYEBALLS_STAGGER;
 pub use flow_conn::{FlowConn, ProxyProtocol};
 pub use manager::{DIAL_FAILURE_MEMORY, ListenHandle, Manager, ManagerBuilder};
 pub use pin::{PinOptions, PinnedConn};
+pub use proxy_listen::{ProxyKeeper, ProxyListenHandle, ProxyRequest};
 pub use status::ListenStatus;

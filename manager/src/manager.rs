@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::accept::AcceptHub;
 use crate::cache::{AddrKey, ConnCache};
+use crate::flow_conn::FlowConn;
 use crate::status::{ListenStatus, StatusCell};
 
 /// How long a failed dial is remembered: dials to the same place within it
@@ -155,6 +156,8 @@ impl ManagerBuilder {
             conn_config,
             bidi,
             cache: Mutex::new(ConnCache::default()),
+            tunneled: Mutex::new(std::collections::HashSet::new()),
+            routes_others: std::sync::atomic::AtomicBool::new(false),
             accept: AcceptHub::new(),
             listeners: Mutex::new(Vec::new()),
             status: StatusCell::new(),
@@ -215,8 +218,12 @@ pub(crate) struct Inner {
     idle_expiry: Duration,
     close_grace: Duration,
     pub(crate) conn_config: ConnConfig,
-    bidi: Endpoint,
+    pub(crate) bidi: Endpoint,
     pub(crate) cache: Mutex<ConnCache>,
+    /// Connections that arrived through a proxy's tunnel.
+    pub(crate) tunneled: Mutex<std::collections::HashSet<u64>>,
+    /// Accept connections asking for other routing ids (proxies).
+    routes_others: std::sync::atomic::AtomicBool,
     pub(crate) accept: Arc<AcceptHub>,
     listeners: Mutex<Vec<ListenerEntry>>,
     pub(crate) status: StatusCell,
@@ -267,6 +274,33 @@ impl ListenHandle {
                 .unwrap_or_else(|| Error::bad_state("listener stopped")),
             Err(_) => Error::bad_state("manager is gone"),
         }
+    }
+}
+
+/// Authorizes the first hop of a dial to `target`: a peer announcing
+/// another routing id is a proxy, trusted to route only (the end-to-end
+/// handshake inside the tunnel faces the real authorizer); the target itself
+/// faces `inner`.
+#[derive(Debug)]
+struct ProxyAware {
+    target: RoutingId,
+    inner: Arc<dyn PeerAuthorizer>,
+}
+
+impl PeerAuthorizer for ProxyAware {
+    fn authorize_peer(&self, peer: &PeerInfo<'_>) -> Result<flow::auth::AuthorizedPeer> {
+        if peer.remote_endpoint.routing_id() != self.target {
+            return Ok(peer.validate());
+        }
+        self.inner.authorize_peer(peer)
+    }
+
+    fn blessings_for_peer(
+        &self,
+        principal: &Principal,
+        peer_names: &[String],
+    ) -> Result<(flow::security::Blessings, flow::security::Discharges)> {
+        self.inner.blessings_for_peer(principal, peer_names)
     }
 }
 
@@ -569,42 +603,85 @@ impl Manager {
         key: DialKey,
     ) -> Result<Conn> {
         let result = self
-            .dial_transport_and_handshake(&remote, authorizer, channel_timeout)
+            .dial_possibly_through_proxy(&remote, authorizer, channel_timeout)
             .await;
         self.inner.inflight.lock().remove(&key);
-        match &result {
-            Ok(conn) => {
-                self.adopt(conn.clone(), vec![AddrKey::of(&remote)]);
+        match result {
+            Ok((conn, direct)) => {
+                // A connection through a proxy is found by routing id only:
+                // the address is the proxy's.
+                let addrs = if direct {
+                    vec![AddrKey::of(&remote)]
+                } else {
+                    Vec::new()
+                };
+                self.adopt(conn.clone(), addrs);
                 self.inner.failures.lock().remove(&key);
+                Ok(conn)
             }
             Err(e) => {
                 let mut failures = self.inner.failures.lock();
                 failures.retain(|_, (at, _)| at.elapsed() < DIAL_FAILURE_MEMORY);
                 failures.insert(key, (Instant::now(), e.clone()));
+                Err(e)
             }
         }
-        result
     }
 
-    async fn dial_transport_and_handshake(
+    /// Reaches `remote`: directly, or — when the peer at its address turns
+    /// out to be a proxy (another routing id) — through a tunnel over the
+    /// connection to that proxy, with the end-to-end handshake inside.
+    /// Returns the connection and whether it is direct.
+    async fn dial_possibly_through_proxy(
+        &self,
+        remote: &Endpoint,
+        authorizer: Arc<dyn PeerAuthorizer>,
+        channel_timeout: Duration,
+    ) -> Result<(Conn, bool)> {
+        let want = remote.routing_id();
+        if !want.is_null()
+            && let Some(proxy) = self.cached_proxy_for(remote)
+        {
+            let conn = self
+                .tunnel_through(&proxy, remote, authorizer, channel_timeout)
+                .await?;
+            return Ok((conn, false));
+        }
+        // The authorizer judges the server, never a proxy on the way.
+        let first_hop: Arc<dyn PeerAuthorizer> = if want.is_null() {
+            authorizer.clone()
+        } else {
+            Arc::new(ProxyAware {
+                target: want,
+                inner: authorizer.clone(),
+            })
+        };
+        let conn = self
+            .handshake_over_transport(remote, first_hop, channel_timeout)
+            .await?;
+        let got = conn.remote_endpoint().routing_id();
+        if want.is_null() || got == want {
+            return Ok((conn, true));
+        }
+        // A proxy: keep its connection for later tunnels and its own flows.
+        self.adopt(conn.clone(), vec![AddrKey::of(remote)]);
+        let inner = self
+            .tunnel_through(&conn, remote, authorizer, channel_timeout)
+            .await?;
+        Ok((inner, false))
+    }
+
+    /// A connection whose peer has exactly `remote`'s routing id (or any,
+    /// when it names none), made directly: used for proxies themselves.
+    pub(crate) async fn connect_direct(
         &self,
         remote: &Endpoint,
         authorizer: Arc<dyn PeerAuthorizer>,
         channel_timeout: Duration,
     ) -> Result<Conn> {
-        let transport = self.dial_transport(remote).await?;
-        let mut config = self.inner.conn_config.clone();
-        if !channel_timeout.is_zero() {
-            config.channel_timeout = channel_timeout;
-        }
-        let params = HandshakeParams {
-            transport_max_frame: transport.max_frame_size(),
-            config,
-            principal: self.inner.principal.clone(),
-            authorizer,
-            local_endpoint: self.inner.bidi.clone(),
-        };
-        let conn = Conn::dial(transport, params, remote.clone()).await?;
+        let conn = self
+            .handshake_over_transport(remote, authorizer, channel_timeout)
+            .await?;
         let want = remote.routing_id();
         let got = conn.remote_endpoint().routing_id();
         if !want.is_null() && got != want {
@@ -612,6 +689,76 @@ impl Manager {
             return Err(Error::new(
                 ErrorKind::DialFailed,
                 format!("{remote} answered as routing id {got}, not {want}"),
+            ));
+        }
+        Ok(conn)
+    }
+
+    async fn handshake_over_transport(
+        &self,
+        remote: &Endpoint,
+        authorizer: Arc<dyn PeerAuthorizer>,
+        channel_timeout: Duration,
+    ) -> Result<Conn> {
+        let transport = self.dial_transport(remote).await?;
+        let params = self.dial_params(transport.max_frame_size(), authorizer, channel_timeout);
+        Conn::dial(transport, params, remote.clone()).await
+    }
+
+    fn dial_params(
+        &self,
+        transport_max_frame: usize,
+        authorizer: Arc<dyn PeerAuthorizer>,
+        channel_timeout: Duration,
+    ) -> HandshakeParams {
+        let mut config = self.inner.conn_config.clone();
+        if !channel_timeout.is_zero() {
+            config.channel_timeout = channel_timeout;
+        }
+        HandshakeParams {
+            transport_max_frame,
+            config,
+            principal: self.inner.principal.clone(),
+            authorizer,
+            local_endpoint: self.inner.bidi.clone(),
+        }
+    }
+
+    /// A cached connection to the proxy at `remote`'s address (a peer there
+    /// with another routing id).
+    fn cached_proxy_for(&self, remote: &Endpoint) -> Option<Conn> {
+        let mut cache = self.inner.cache.lock();
+        cache
+            .candidates(
+                &Endpoint::new(remote.protocol(), remote.address()),
+                &[AddrKey::of(remote)],
+            )
+            .into_iter()
+            .find(|c| c.remote_endpoint().routing_id() != remote.routing_id())
+    }
+
+    /// Runs the end-to-end handshake with `remote` inside a flow on the
+    /// connection to a proxy.
+    async fn tunnel_through(
+        &self,
+        proxy: &Conn,
+        remote: &Endpoint,
+        authorizer: Arc<dyn PeerAuthorizer>,
+        channel_timeout: Duration,
+    ) -> Result<Conn> {
+        let flow = proxy.open_flow(Default::default())?;
+        let tunnel = FlowConn::new(flow)?;
+        let params = self.dial_params(tunnel.max_frame_size(), authorizer, channel_timeout);
+        let conn = Conn::dial(Box::new(tunnel), params, remote.clone())
+            .await
+            .map_err(|e| e.context(format!("through proxy {}", proxy.remote_endpoint())))?;
+        let want = remote.routing_id();
+        let got = conn.remote_endpoint().routing_id();
+        if got != want {
+            conn.close("wrong routing id");
+            return Err(Error::new(
+                ErrorKind::Proxy,
+                format!("the proxy led to routing id {got}, not {want}"),
             ));
         }
         Ok(conn)
@@ -799,10 +946,20 @@ impl Manager {
         Ok(())
     }
 
-    /// Whether `conn` asked for a routing id this manager forwards (a
-    /// proxy's business; a plain manager forwards nothing).
+    /// Whether this manager takes connections asking for other routing ids
+    /// (a proxy's business; a plain manager refuses them).
     fn is_proxy_target(&self, _conn: &Conn) -> bool {
-        false
+        self.inner
+            .routes_others
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes this manager accept connections that ask for routing ids other
+    /// than its own, so it can route them onward (what a proxy does).
+    pub fn set_routes_others(&self, routes: bool) {
+        self.inner
+            .routes_others
+            .store(routes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

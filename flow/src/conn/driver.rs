@@ -30,6 +30,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// What a connection knows besides its state machine.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
+    id: u64,
     local_endpoint: Endpoint,
     remote_endpoint: Endpoint,
     requested_endpoint: Option<Endpoint>,
@@ -37,6 +38,8 @@ pub(crate) struct Shared {
     local_addr: String,
     remote_addr: String,
 }
+
+static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// An established, authenticated connection multiplexing flows.
 ///
@@ -209,6 +212,7 @@ impl Conn {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             local_endpoint: done.local_endpoint,
             remote_endpoint: done.remote_endpoint,
             requested_endpoint: done.requested_endpoint,
@@ -293,6 +297,11 @@ impl Conn {
     /// Whether the peer asked for no new flows.
     pub fn is_peer_lame_duck(&self) -> bool {
         self.shared.state.lock().is_peer_lame_duck()
+    }
+
+    /// A number naming this connection, unique within the process.
+    pub fn id(&self) -> u64 {
+        self.shared.id
     }
 
     /// This side's endpoint.
