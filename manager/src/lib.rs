@@ -23,3 +23,8 @@ pub use manager::{DIAL_FAILURE_MEMORY, ListenHandle, Manager, ManagerBuilder};
 pub use pin::{PinOptions, PinnedConn};
 pub use proxy_listen::{ProxyKeeper, ProxyListenHandle, ProxyRequest};
 pub use status::ListenStatus;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
