@@ -14,8 +14,9 @@
 //! `rtt-under-load`, `open`, `idle-memory`, `handshake`.
 //!
 //! For each case, every selected system runs in turn, and the round repeats
-//! (A B C A B C ...); figures are medians over rounds. Everything runs on one
-//! multi-threaded tokio runtime with two worker threads, and one allocator
+//! (A B C A B C ...); figures are medians over rounds. Everything, clients
+//! and servers, runs as tasks of one multi-threaded tokio runtime with two
+//! worker threads, and one allocator
 //! (mimalloc) serves every system. `idle-memory` runs in two child
 //! processes of this binary, one per side, each measuring its own RSS.
 //!
@@ -31,6 +32,7 @@ mod report;
 mod systems;
 mod yamux_link;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cases::{Case, Params};
@@ -215,6 +217,16 @@ fn brief(outcome: &cases::Outcome) -> String {
         .join(" ")
 }
 
+/// Runs `work` as a task on the runtime's workers (not on this thread, as
+/// `block_on` would), so that client and server code share the same two
+/// threads.
+fn on_worker<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    runtime.block_on(async { tokio::spawn(work).await? })
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("compare: {e}");
@@ -228,13 +240,19 @@ fn run() -> Result<()> {
         .worker_threads(WORKERS)
         .enable_all()
         .build()?;
-    let creds = Credentials::generate()?;
+    let creds = Arc::new(Credentials::generate()?);
     match &args.child {
         Some(Child::Serve(system)) => {
-            return runtime.block_on(memory::child_serve(*system, args.params.idle_count, &creds));
+            let (system, count) = (*system, args.params.idle_count);
+            return on_worker(&runtime, async move {
+                memory::child_serve(system, count, &creds).await
+            });
         }
         Some(Child::Dial(system, addr)) => {
-            return runtime.block_on(memory::child_dial(*system, &args.params, addr, &creds));
+            let (system, addr, params) = (*system, addr.clone(), args.params.clone());
+            return on_worker(&runtime, async move {
+                memory::child_dial(system, &params, &addr, &creds).await
+            });
         }
         None => {}
     }
@@ -254,7 +272,10 @@ fn run() -> Result<()> {
                 } else {
                     // Let the previous run's connections finish closing.
                     std::thread::sleep(Duration::from_millis(100));
-                    runtime.block_on(cases::run(case, system, &creds, &args.params))
+                    let (creds, params) = (creds.clone(), args.params.clone());
+                    on_worker(&runtime, async move {
+                        cases::run(case, system, &creds, &params).await
+                    })
                 };
                 match outcome {
                     Ok(outcome) => {
