@@ -81,9 +81,9 @@ pub(crate) struct Params {
     pub(crate) bytes: u64,
     /// Streams sharing the bytes in `throughput-many`.
     pub(crate) many_streams: usize,
-    /// Round trips measured by the rtt cases.
+    /// Round trips measured by `rtt`.
     pub(crate) iters: usize,
-    /// Longest time the loaded rtt measurement runs.
+    /// How long the loaded round trips of `rtt-under-load` run.
     pub(crate) load_time: Duration,
     /// Streams opened by `open`.
     pub(crate) open_count: usize,
@@ -260,8 +260,9 @@ async fn throughput_many(system: System, creds: &Credentials, p: &Params) -> Res
         .note("streams", n))
 }
 
-/// Measures up to `iters` 64-byte round trips on `stream` (already tagged
-/// for echo), stopping early at `deadline`; returns them sorted.
+/// Measures 64-byte round trips on `stream` (already tagged for echo):
+/// `iters` of them, or as many as fit before `deadline`; returns them
+/// sorted.
 async fn round_trips(
     stream: &mut BoxStream,
     iters: usize,
@@ -270,7 +271,7 @@ async fn round_trips(
     let request = [7u8; 64];
     let mut response = [0u8; 64];
     let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters {
+    while deadline.is_some() || samples.len() < iters {
         let start = Instant::now();
         stream.write_all(&request).await?;
         stream.read_exact(&mut response).await?;
@@ -325,7 +326,9 @@ async fn rtt_under_load(system: System, creds: &Credentials, p: &Params) -> Resu
     let s = setup(system, creds).await?;
     let mut stream = echo_stream(&s.client).await?;
 
-    // Loaded: bulk starts, settles, then the round trips run beside it.
+    // Loaded: bulk starts, settles, then round trips run beside it for the
+    // whole load time (however fast they are, so the bulk figure always
+    // covers the same span).
     let stop = Arc::new(AtomicBool::new(false));
     let loaded = tokio::spawn(bulk(s.client.open().await?, stop.clone()));
     tokio::time::sleep(Duration::from_millis(200)).await;

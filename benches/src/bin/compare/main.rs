@@ -53,10 +53,11 @@ cases:   throughput throughput-many rtt rtt-under-load open idle-memory handshak
 systems: flow-tcp flow-unix yamux-noise yamux quinn tcp
 
   --bytes N    bytes moved by the throughput cases (default 1 GiB)
-  --iters N    round trips measured by the rtt cases (default 10000)
+  --iters N    round trips measured by rtt (default 10000); rtt-under-load
+               runs round trips for a fixed time (2 s, --quick 0.5 s)
   --count N    streams for open and idle-memory, connections for handshake
                (defaults 20000, 100000, 1000)
-  --rounds N   rounds of each case (default 3; rtt-under-load 2, idle-memory 1)
+  --rounds N   rounds of each case (default 3; idle-memory 1)
   --quick      small figures and one round: well under a minute
   --json       one JSON object per (case, system) per line
 ";
@@ -203,7 +204,6 @@ fn rounds_of(case: Case, args: &Args) -> usize {
     match (args.rounds, args.quick) {
         (Some(rounds), _) => rounds.max(1),
         (None, true) => 1,
-        (None, false) if case == Case::RttUnderLoad => 2,
         (None, false) => 3,
     }
 }
