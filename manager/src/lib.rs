@@ -14,6 +14,7 @@ mod dial_any;
 mod flow_conn;
 mod manager;
 mod pin;
+pub mod proxy;
 mod proxy_listen;
 mod status;
 

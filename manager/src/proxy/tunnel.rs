@@ -1,0 +1,246 @@
+//! Tunnels: a dialer's flow carrying an end-to-end connection, forwarded
+//! message by message to the server (or next proxy) it asks for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use flow::Error;
+use flow::conn::handshake::requested_endpoint;
+use flow::conn::{Flow, FlowOptions, FlowReader, FlowWriter};
+
+use super::metrics::Direction;
+use super::registry::FlowSlot;
+use super::route::next_hop;
+use super::{Cutoff, Inner, Refusal, Refused};
+
+/// Counts a tunnel as active while it lives.
+struct Active(Arc<Inner>);
+
+impl Active {
+    fn new(inner: Arc<Inner>) -> Active {
+        inner.counters.tunnel_opened();
+        Active(inner)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.counters.tunnel_closed();
+        self.0.tunnel_ended.notify_waiters();
+    }
+}
+
+/// Routes the tunnel whose first message, the dialer's handshake hello,
+/// is `hello`, and relays it until either side ends it.
+pub(super) async fn serve(inner: Arc<Inner>, client: Flow, hello: Bytes) {
+    let started = Instant::now();
+    let conn = client.conn().clone();
+    let (server, slot) = match open(&inner, &client, &hello) {
+        Ok(opened) => opened,
+        Err(refused) => {
+            inner.refused(&conn, &refused);
+            client.close();
+            return;
+        }
+    };
+    let _active = Active::new(inner.clone());
+    let mut server = server;
+    if let Err(e) = server.write_msg(&[&hello]).await {
+        let refused = Refused::new(
+            Refusal::TargetUnavailable,
+            format!("forwarding the hello failed: {e}"),
+        );
+        inner.refused(&conn, &refused);
+        client.close();
+        return;
+    }
+    inner
+        .counters
+        .relayed(Direction::ToServer, hello.len() as u64);
+    match relay(&inner, client, server, started, hello.len() as u64).await {
+        Ok(()) => {}
+        Err(End::Cut(why)) => {
+            inner.counters.cut(why);
+            tracing::info!(peer = %conn.remote_addr(), limit = why.as_str(), "proxied flow cut");
+        }
+        Err(End::Failed(e)) => {
+            tracing::debug!(peer = %conn.remote_addr(), error = %e, "proxied flow failed");
+        }
+    }
+    drop(slot);
+}
+
+/// Checks the dialer, finds the next hop, and opens the flow to it.
+fn open(
+    inner: &Inner,
+    client: &Flow,
+    hello: &[u8],
+) -> std::result::Result<(Flow, FlowSlot), Refused> {
+    let conn = client.conn();
+    if inner.is_stopping() {
+        return Err(Refused::new(
+            Refusal::ShuttingDown,
+            "the proxy is shutting down",
+        ));
+    }
+    if inner.manager.is_tunneled(conn) {
+        return Err(super::tunneled());
+    }
+    let from_upstream = inner.is_upstream(conn);
+    if !from_upstream {
+        // An upstream proxy applied its own dial policy; everyone else
+        // faces this one.
+        let names = &conn.authorized_peer().names;
+        if !inner.allow_dial.iter().any(|p| p.matched_by(names)) {
+            return Err(Refused::new(
+                Refusal::DialNotAllowed,
+                format!("blessing names {names:?} match no dial pattern"),
+            ));
+        }
+    }
+    let requested = requested_endpoint(hello).map_err(|e| {
+        Refused::new(
+            Refusal::BadRequest,
+            format!("unreadable handshake hello: {e}"),
+        )
+    })?;
+    let hop = next_hop(inner.own_rid, &requested).ok_or_else(|| {
+        Refused::new(
+            Refusal::UnknownTarget,
+            format!("{requested} names nothing beyond this proxy"),
+        )
+    })?;
+    let target = inner.registry.lock().lookup(hop).ok_or_else(|| {
+        Refused::new(
+            Refusal::UnknownTarget,
+            format!("nothing registered for {hop:?} (asked for {requested})"),
+        )
+    })?;
+    let slot =
+        FlowSlot::take(&target.flows, inner.limits.max_flows_per_server).ok_or_else(|| {
+            Refused::new(
+                Refusal::TooManyFlows,
+                format!(
+                    "{} has {} proxied flows open",
+                    target.rid, inner.limits.max_flows_per_server
+                ),
+            )
+        })?;
+    let unavailable = |e: Error| {
+        Refused::new(
+            Refusal::TargetUnavailable,
+            format!("cannot open a flow to {}: {e}", target.rid),
+        )
+    };
+    let server = target
+        .conn
+        .open_flow(FlowOptions::default())
+        .map_err(unavailable)?;
+    server.set_passthrough().map_err(unavailable)?;
+    client.set_passthrough().map_err(unavailable)?;
+    Ok((server, slot))
+}
+
+/// How a relay ended, when not by both sides closing.
+enum End {
+    Cut(Cutoff),
+    Failed(Error),
+}
+
+/// Relays whole messages both ways until both directions are closed, one
+/// fails, or a per-flow limit cuts the tunnel. Dropping the halves on the
+/// way out closes both flows.
+async fn relay(
+    inner: &Inner,
+    client: Flow,
+    server: Flow,
+    started: Instant,
+    already: u64,
+) -> std::result::Result<(), End> {
+    let (client_r, client_w) = client.into_split();
+    let (server_r, server_w) = server.into_split();
+    let total = AtomicU64::new(already);
+    let max = inner.limits.max_bytes_per_flow;
+    let up = pump(
+        inner,
+        client_r,
+        server_w,
+        Direction::ToServer,
+        &total,
+        max,
+        None,
+    );
+    let down = pump(
+        inner,
+        server_r,
+        client_w,
+        Direction::ToClient,
+        &total,
+        max,
+        Some(started),
+    );
+    tokio::pin!(up, down);
+    let deadline = inner
+        .limits
+        .max_flow_duration
+        .map(|d| tokio::time::Instant::from_std(started + d));
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                r?;
+                up_done = true;
+            }
+            r = &mut down, if !down_done => {
+                r?;
+                down_done = true;
+            }
+            () = &mut expired => return Err(End::Cut(Cutoff::MaxDuration)),
+        }
+    }
+    Ok(())
+}
+
+/// Forwards messages from `from` to `to` until `from` ends; then
+/// half-closes `to`. `first_reply`, when given, is when the hello arrived:
+/// the first message forwarded ends the dial-through latency.
+async fn pump(
+    inner: &Inner,
+    mut from: FlowReader,
+    mut to: FlowWriter,
+    direction: Direction,
+    total: &AtomicU64,
+    max: Option<u64>,
+    mut first_reply: Option<Instant>,
+) -> std::result::Result<(), End> {
+    loop {
+        match from.read_msg().await {
+            Ok(Some(msg)) => {
+                let n = msg.len() as u64;
+                let sum = total.fetch_add(n, Ordering::Relaxed) + n;
+                if max.is_some_and(|max| sum > max) {
+                    return Err(End::Cut(Cutoff::MaxBytes));
+                }
+                to.write_msg(&[&msg]).await.map_err(End::Failed)?;
+                inner.counters.relayed(direction, n);
+                if let Some(at) = first_reply.take() {
+                    inner.counters.dial_through(at.elapsed());
+                }
+            }
+            Ok(None) => {
+                to.close_write();
+                return Ok(());
+            }
+            Err(e) => return Err(End::Failed(e)),
+        }
+    }
+}
