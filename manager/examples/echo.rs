@@ -16,7 +16,11 @@ use flow_manager::Manager;
 async fn main() -> flow::Result<()> {
     // The server: listen, then echo every flow until its peer half-closes.
     let server = Manager::builder(Principal::with_self_blessing("echo-server")?).build();
-    let endpoint = server.listen("tcp", "127.0.0.1:0").await?.endpoint().clone();
+    let endpoint = server
+        .listen("tcp", "127.0.0.1:0")
+        .await?
+        .endpoint()
+        .clone();
     println!("server listening at {endpoint}");
     tokio::spawn({
         let server = server.clone();

@@ -35,7 +35,11 @@ async fn main() -> flow::Result<()> {
         Ok(p)
     };
     let server = Manager::builder(bless("kv-server")?).build();
-    let endpoint = server.listen("tcp", "127.0.0.1:0").await?.endpoint().clone();
+    let endpoint = server
+        .listen("tcp", "127.0.0.1:0")
+        .await?
+        .endpoint()
+        .clone();
 
     // The server answers "upper" requests, for acme clients only.
     let callers = BlessingPattern::parse("acme")?;
@@ -48,7 +52,9 @@ async fn main() -> flow::Result<()> {
                     let request = read_all(&mut flow).await?;
                     let names = flow.conn().authorized_peer().names.clone();
                     let response = if callers.matched_by(&names) {
-                        String::from_utf8_lossy(&request).to_uppercase().into_bytes()
+                        String::from_utf8_lossy(&request)
+                            .to_uppercase()
+                            .into_bytes()
                     } else {
                         b"denied".to_vec()
                     };
@@ -59,7 +65,9 @@ async fn main() -> flow::Result<()> {
     });
 
     let client = Manager::builder(bless("client")?).build();
-    let server_auth = Arc::new(PatternAuthorizer::new([BlessingPattern::parse("acme:kv-server")?]));
+    let server_auth = Arc::new(PatternAuthorizer::new([BlessingPattern::parse(
+        "acme:kv-server",
+    )?]));
     let start = Instant::now();
     let n = 1000;
     for i in 0..n {
