@@ -1,25 +1,39 @@
-//! Through one proxy versus direct, in the same run, over tcp on loopback:
+//! Through one proxy versus direct, in the same run, over tcp on loopback.
 //!
-//! - `proxy/throughput/{direct,proxied}`: one flow, the client writing
-//!   64 KiB messages (`write_all`) to a server that drains them and acks
-//!   each batch; one iteration is one message.
-//! - `proxy/rtt64/{direct,proxied}`: a 64-byte message and its echo on one
-//!   flow; one iteration is one round trip.
+//! ```text
+//! cargo bench -p flow-benches --bench proxy [-- --rounds N --bytes N --iters N --workers N --quick]
+//! ```
 //!
-//! Direct: the client dials the server's own tcp endpoint. Proxied: the
-//! server listens nowhere but through a `flow_manager::proxy::Proxy`
-//! (`Manager::proxy_listen`) and the client dials the proxied endpoint, so
-//! its end-to-end connection runs inside a flow to the proxy, which relays
-//! it to the server over the server's own connection. Both sides use the
-//! same `Manager` API; the proxy hop is the only difference.
+//! Cases, for each way of reaching the server:
 //!
-//! Client work runs as a task on the runtime's two workers, like the
-//! servers and the proxy.
+//! - throughput: one new flow, the client writing 64 KiB messages
+//!   (`write_all`) to a server that drains them and acks the end; MB/s of
+//!   payload (default 256 MiB per run).
+//! - rtt64: one new flow, a 64-byte message and its echo, one after the
+//!   other (default 5,000 round trips after 500 unmeasured); the median
+//!   and the 99th percentile.
+//!
+//! Ways (`Route`): `direct`, the client dials the server's own tcp
+//! endpoint; `tunnel`, an end-to-end connection inside a flow of a direct
+//! connection to the server (the layering of a proxied connection, without
+//! the proxy); `proxied`, the server listens nowhere but through a
+//! `flow_manager::proxy::Proxy` (`Manager::proxy_listen`) and the client
+//! dials the proxied endpoint; `proxied-apart`, the same with the proxy on
+//! a runtime of its own, as if it were another process. Every way uses the
+//! same `Manager` API.
+//!
+//! Like the `compare` binary, every way runs in turn and the rounds repeat
+//! (A B C D A B C D ...), so load from elsewhere on the machine falls on
+//! all of them; figures are medians over rounds. Clients, servers and the
+//! proxy run as tasks of one tokio runtime with two worker threads (the
+//! `proxied-apart` proxy on two more; `--workers` changes both), and one
+//! allocator (mimalloc) serves everything. With one worker no hop crosses
+//! threads, which separates the work a hop costs from the price of waking
+//! another thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use flow::auth::AllowEveryone;
 use flow::conn::{Conn, ConnConfig, Flow, FlowOptions, HandshakeParams};
 use flow::naming::Endpoint;
@@ -31,14 +45,19 @@ use flow_manager::proxy::{Proxy, ProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Application write size of the throughput case.
 const CHUNK: usize = 64 * 1024;
 /// Message size of the round-trip case.
 const SMALL: usize = 64;
+/// Round trips before measuring.
+const WARM_UP: usize = 500;
 
-fn runtime() -> Runtime {
+fn runtime(workers: usize) -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("runtime")
@@ -247,72 +266,158 @@ async fn open(setup: &Setup, route: Route, mode: &[u8]) -> Flow {
     flow
 }
 
-fn bench(c: &mut Criterion) {
-    let rt = runtime();
-    let proxy_rt = runtime();
+/// How much work each run does.
+struct Params {
+    rounds: usize,
+    bytes: u64,
+    iters: usize,
+    workers: usize,
+}
+
+impl Params {
+    /// From the command line (`cargo bench` adds `--bench`, ignored).
+    fn from_args() -> Params {
+        let mut p = Params {
+            rounds: 5,
+            bytes: 256 << 20,
+            iters: 5_000,
+            workers: 2,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || {
+                args.next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("{arg} needs a number"))
+            };
+            match arg.as_str() {
+                "--rounds" => p.rounds = value() as usize,
+                "--bytes" => p.bytes = value(),
+                "--iters" => p.iters = value() as usize,
+                "--workers" => p.workers = (value() as usize).max(1),
+                "--quick" => {
+                    p.rounds = 2;
+                    p.bytes = 32 << 20;
+                    p.iters = 1_000;
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// MB/s (10^6 bytes) of `bytes` written through a new flow on `route`.
+async fn throughput(setup: &Setup, route: Route, bytes: u64) -> f64 {
+    let mut f = open(setup, route, b"s").await;
+    let message = vec![0x5au8; CHUNK];
+    let chunks = bytes.div_ceil(CHUNK as u64);
+    let start = Instant::now();
+    f.write_all(&(chunks * CHUNK as u64).to_be_bytes())
+        .await
+        .expect("write");
+    for _ in 0..chunks {
+        f.write_all(&message).await.expect("write");
+    }
+    let mut ack = [0u8; 1];
+    f.read_exact(&mut ack).await.expect("ack");
+    let elapsed = start.elapsed();
+    (chunks * CHUNK as u64) as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// Sorted round-trip times of `iters` 64-byte echoes on a new flow.
+async fn round_trips(setup: &Setup, route: Route, iters: usize) -> Vec<Duration> {
+    let mut f = open(setup, route, b"e").await;
+    let message = [0x33u8; SMALL];
+    let mut back = [0u8; SMALL];
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..WARM_UP + iters {
+        let start = Instant::now();
+        f.write_all(&message).await.expect("write");
+        f.read_exact(&mut back).await.expect("echo");
+        if i >= WARM_UP {
+            times.push(start.elapsed());
+        }
+    }
+    times.sort_unstable();
+    times
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let p = Params::from_args();
+    let rt = runtime(p.workers);
+    let proxy_rt = runtime(p.workers);
     let setup = rt.block_on(setup(proxy_rt.handle().clone()));
+    let setup = Arc::new(setup);
     let routes = [
         ("direct", Route::Direct),
         ("tunnel", Route::Tunnel),
         ("proxied", Route::Proxied),
         ("proxied-apart", Route::Apart),
     ];
-
-    let mut group = c.benchmark_group("proxy/throughput");
-    group.throughput(Throughput::Bytes(CHUNK as u64));
-    for (name, route) in routes {
-        let mut flow = Some(rt.block_on(open(&setup, route, b"s")));
-        group.bench_function(BenchmarkId::new(name, CHUNK), |b| {
-            b.iter_custom(|iters| {
-                let mut f = flow.take().expect("flow lost in an earlier iteration");
-                let (f, elapsed) = rt
-                    .block_on(rt.spawn(async move {
-                        let message = vec![0x5au8; CHUNK];
-                        let start = Instant::now();
-                        f.write_all(&(iters * CHUNK as u64).to_be_bytes())
-                            .await
-                            .expect("write");
-                        for _ in 0..iters {
-                            f.write_all(&message).await.expect("write");
-                        }
-                        let mut ack = [0u8; 1];
-                        f.read_exact(&mut ack).await.expect("ack");
-                        (f, start.elapsed())
-                    }))
-                    .expect("client task");
-                flow = Some(f);
-                elapsed
-            });
-        });
+    // Per route: throughput per round, (median, p99) rtt per round.
+    let mut mbps: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
+    let mut rtt50: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
+    let mut rtt99: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
+    for round in 0..p.rounds {
+        for (i, (name, route)) in routes.iter().enumerate() {
+            let s = setup.clone();
+            let (route, bytes, iters) = (*route, p.bytes, p.iters);
+            // Client work runs as a task, like the servers and the proxy.
+            let (rate, times) = rt
+                .block_on(rt.spawn(async move {
+                    let rate = throughput(&s, route, bytes).await;
+                    let times = round_trips(&s, route, iters).await;
+                    (rate, times)
+                }))
+                .expect("client task");
+            let (m, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+            eprintln!(
+                "round {} {name:>13}: {rate:8.1} MB/s   rtt64 median {:6.1} us  p99 {:6.1} us",
+                round + 1,
+                us(m),
+                us(p99)
+            );
+            mbps[i].push(rate);
+            rtt50[i].push(us(m));
+            rtt99[i].push(us(p99));
+        }
     }
-    group.finish();
-
-    let mut group = c.benchmark_group("proxy/rtt64");
-    group.throughput(Throughput::Elements(1));
-    for (name, route) in routes {
-        let mut flow = Some(rt.block_on(open(&setup, route, b"e")));
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut f = flow.take().expect("flow lost in an earlier iteration");
-                let (f, elapsed) = rt
-                    .block_on(rt.spawn(async move {
-                        let message = [0x33u8; SMALL];
-                        let mut back = [0u8; SMALL];
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            f.write_all(&message).await.expect("write");
-                            f.read_exact(&mut back).await.expect("echo");
-                        }
-                        (f, start.elapsed())
-                    }))
-                    .expect("client task");
-                flow = Some(f);
-                elapsed
-            });
-        });
+    println!(
+        "{} rounds, {} MiB and {} round trips per run, {} worker thread(s)",
+        p.rounds,
+        p.bytes >> 20,
+        p.iters,
+        p.workers
+    );
+    let base_rate = median(&mut mbps[0].clone());
+    let base_rtt = median(&mut rtt50[0].clone());
+    println!(
+        "| way | throughput (MB/s) | vs direct | rtt64 median (us) | vs direct | rtt64 p99 (us) |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, (name, _)) in routes.iter().enumerate() {
+        let rate = median(&mut mbps[i]);
+        let rtt = median(&mut rtt50[i]);
+        let p99 = median(&mut rtt99[i]);
+        println!(
+            "| {name} | {rate:.0} | {:.0}% | {rtt:.1} | {:.2}x | {p99:.1} |",
+            100.0 * rate / base_rate,
+            rtt / base_rtt
+        );
     }
-    group.finish();
 }
-
-criterion_group!(benches, bench);
-criterion_main!(benches);
