@@ -1019,3 +1019,93 @@ async fn shutdown_ends_after_the_grace_period_when_flows_do_not() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_restarted_proxy_serves_the_same_endpoint_again() {
+    let principal = Principal::with_self_blessing("proxy").unwrap();
+    let first = start_proxy_as(principal.clone(), |_| {}).await;
+    let addr = tcp_endpoint(&first).address().to_string();
+    let s = server(blessed(&principal, "server"), b"S");
+    let _keeper = s.keep_proxy_listening("p", &shorthand(&first));
+    within(
+        10,
+        until(|| s.status().endpoints.iter().any(|e| e.address() == addr)),
+    )
+    .await;
+    let ep = proxied_endpoints(&s, &addr).await.remove(0);
+    assert_eq!(
+        within(10, round_trip(&client("c1"), &ep, b"1"))
+            .await
+            .unwrap(),
+        b"S1"
+    );
+
+    // The proxy goes away; the server notices.
+    first.shutdown(Duration::ZERO).await;
+    drop(first);
+    within(
+        10,
+        until(|| matches!(s.status().proxy_errors.get("p"), Some(Some(_)))),
+    )
+    .await;
+
+    // A new proxy process on the same address (a new routing id, same
+    // credentials): the server's keeper registers again on its own, and
+    // the endpoint clients already hold works again.
+    let second = start_proxy_as(principal, |c| {
+        c.listen = vec![Endpoint::parse(&format!("tcp/{addr}")).unwrap()];
+    })
+    .await;
+    within(60, until(|| second.stats().servers == 1)).await;
+    within(
+        10,
+        until(|| matches!(s.status().proxy_errors.get("p"), Some(None))),
+    )
+    .await;
+    assert_eq!(proxied_endpoints(&s, &addr).await[0], ep);
+    assert_eq!(
+        within(10, round_trip(&client("c2"), &ep, b"2"))
+            .await
+            .unwrap(),
+        b"S2"
+    );
+}
+
+#[tokio::test]
+async fn through_two_proxies_one_killed_the_endpoint_list_still_works() {
+    let root = Principal::with_self_blessing("proxy").unwrap();
+    let a = start_proxy_as(root.clone(), |_| {}).await;
+    let b = start_proxy_as(root.clone(), |_| {}).await;
+    let s = server(blessed(&root, "server"), b"S");
+    within(10, s.proxy_listen("a", &shorthand(&a)))
+        .await
+        .unwrap();
+    within(10, s.proxy_listen("b", &shorthand(&b)))
+        .await
+        .unwrap();
+    let eps = s.status().endpoints;
+    assert_eq!(eps.len(), 2, "{eps:?}");
+
+    // The first proxy in the list dies; a client given the whole list
+    // still gets through, by the second.
+    let first_addr = eps[0].address().to_string();
+    let (dead, alive) = if tcp_endpoint(&a).address() == first_addr {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    dead.shutdown(Duration::ZERO).await;
+    let c = client("c");
+    let mut flow = within(10, c.dial_any(&eps, everyone(), Duration::ZERO))
+        .await
+        .unwrap();
+    flow.write_msg(&[b"!"]).await.unwrap();
+    flow.close_write();
+    let mut back = Vec::new();
+    while let Some(chunk) = within(10, flow.read_msg()).await.unwrap() {
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, b"S!");
+    assert_eq!(alive.stats().tunnels, 1);
+    assert_eq!(dead.stats().tunnels, 0);
+}
