@@ -25,7 +25,14 @@ pub(crate) struct Chunk {
 impl Chunk {
     /// A chunk holding the first `n` bytes of `bufs`.
     pub(crate) fn copy_from(bufs: &[&[u8]], n: usize) -> Chunk {
-        let mut buf = BytesMut::with_capacity(HEADROOM + n);
+        Chunk::copy_into(BytesMut::new(), bufs, n)
+    }
+
+    /// Like [`Chunk::copy_from`], reusing `buf`'s allocation when it is big
+    /// enough.
+    pub(crate) fn copy_into(mut buf: BytesMut, bufs: &[&[u8]], n: usize) -> Chunk {
+        buf.clear();
+        buf.reserve(HEADROOM + n);
         buf.put_bytes(0, HEADROOM);
         let mut left = n;
         for b in bufs {
@@ -50,6 +57,11 @@ impl Chunk {
     /// The payload.
     pub(crate) fn as_slice(&self) -> &[u8] {
         &self.buf[self.start..]
+    }
+
+    /// The allocation, for reuse.
+    pub(crate) fn into_buffer(self) -> BytesMut {
+        self.buf
     }
 
     /// Turns the chunk into a frame body without copying: returns a buffer

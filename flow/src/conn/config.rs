@@ -24,6 +24,10 @@ pub struct ConnConfig {
     pub min_window: u64,
     /// Largest window auto-tuning may grow a flow to.
     pub max_window: u64,
+    /// Largest window a flow keeps while another flow on the connection is
+    /// receiving data too: it bounds what one bulk flow queues ahead of the
+    /// others' small messages (latency under load).
+    pub contended_window: u64,
     /// Bound on the sum of the receive windows of accepted flows, in bytes.
     /// Once it is spent, flows get `min_window` each; flows not yet accepted
     /// hold only their first payloads, bounded together by the shared
@@ -70,6 +74,7 @@ impl Default for ConnConfig {
             initial_window: 256 * 1024,
             min_window: 32 * 1024,
             max_window: 16 * 1024 * 1024,
+            contended_window: 512 * 1024,
             connection_budget: 64 * 1024 * 1024,
             max_flows: 1 << 17,
             max_pending_accepts: 4096,

@@ -26,6 +26,9 @@ use crate::{Error, ErrorKind, Result};
 const BATCH_FRAMES: usize = 16;
 /// Most bytes one batch carries.
 const BATCH_BYTES: usize = 256 * 1024;
+/// Most bytes one batch carries while several flows are busy: a message
+/// that arrives while a batch is being written waits for all of it.
+const CONTENDED_BATCH_BYTES: usize = 64 * 1024;
 
 /// What a connection knows besides its state machine.
 pub(crate) struct Shared {
@@ -466,7 +469,12 @@ async fn write_loop(
             let now = Instant::now();
             let frame_cap = FRAME_OVERHEAD + state.max_message() * 3;
             let mut bytes = 0;
-            while built.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+            let batch_bytes = if state.is_contended(now) {
+                CONTENDED_BATCH_BYTES
+            } else {
+                BATCH_BYTES
+            };
+            while built.len() < BATCH_FRAMES && bytes < batch_bytes {
                 arena.reserve(frame_cap.max(64 * 1024));
                 arena.put_bytes(0, FRAME_OVERHEAD);
                 let mut body = arena.split_off(FRAME_OVERHEAD);
@@ -506,7 +514,21 @@ async fn write_loop(
         }
         if !frames.is_empty() {
             let result = write_with_health(&shared, writer.as_mut(), &frames).await;
-            frames.clear();
+            // Frames sent from chunks' own buffers go back for reuse.
+            let mut reusable = Vec::new();
+            for frame in frames.drain(..) {
+                if frame.len() >= 8 * 1024
+                    && let Ok(buf) = frame.try_into_mut()
+                {
+                    reusable.push(buf);
+                }
+            }
+            if !reusable.is_empty() {
+                let mut state = shared.state.lock();
+                for buf in reusable {
+                    state.recycle(buf);
+                }
+            }
             if let Err(e) = result {
                 shared
                     .state

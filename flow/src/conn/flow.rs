@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::chunk::Chunk;
 use super::driver::Conn;
 use super::state::FlowId;
 use crate::naming::Endpoint;
@@ -313,12 +314,24 @@ impl FlowWriter {
             return Poll::Ready(Err(e));
         }
         let inner = &self.inner;
-        inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .poll_write(cx, inner.id, bufs)
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let (n, buffer) = {
+            let mut state = inner.conn.shared.state.lock();
+            if state.is_unopened(inner.id) {
+                // Bytes borrowed for the OpenFlow must be queued before the
+                // OpenFlow can go out: copy them under the lock (they are
+                // few: at most the shared tokens).
+                return state.poll_write(cx, inner.id, bufs);
+            }
+            let n = ready!(state.reserve_write(cx, inner.id, total))?;
+            (n, state.spare_buffer(n))
+        };
+        if n > 0 {
+            // Copy outside the lock: the credit is already ours.
+            let chunk = Chunk::copy_into(buffer, bufs, n);
+            inner.conn.shared.state.lock().commit_write(inner.id, chunk);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush_flow(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {

@@ -146,7 +146,9 @@ impl RecvWindow {
     /// back now, if any: once half the window has been read, everything read
     /// so far, plus the growth of the window when auto-tuning grows it (the
     /// window doubles when half of it was read within two round trips, up to
-    /// `max_window` and as far as `budget` allows).
+    /// `max_window` and as far as `budget` allows). A window larger than
+    /// `max_window` (the cap dropped, say because other flows became busy)
+    /// shrinks: part of what was read is not granted back.
     pub(crate) fn on_consumed(
         &mut self,
         n: u64,
@@ -161,6 +163,16 @@ impl RecvWindow {
         self.unreleased += n;
         if self.unreleased == 0 || self.unreleased < self.window.div_ceil(2) {
             return None;
+        }
+        if self.window > max_window {
+            // Shrink by withholding credit, never below what is buffered or
+            // already granted.
+            let shrink = (self.window - max_window).min(self.unreleased);
+            self.unreleased -= shrink;
+            self.window -= shrink;
+            budget.refund(shrink);
+            self.last_release = Some(now);
+            return Some(self.release_all()).filter(|r| *r > 0);
         }
         let mut grow = 0;
         if let Some(last) = self.last_release {
@@ -363,6 +375,24 @@ mod tests {
             w.on_consumed(1000, t0 + RTT * 20, RTT, 8000, &mut budget),
             None
         );
+        assert!(w.is_conserved());
+    }
+
+    #[test]
+    fn a_lowered_cap_shrinks_the_window_by_withholding_credit() {
+        let mut budget = Budget::new(1 << 20);
+        budget.charge(8000);
+        let mut w = RecvWindow::new(8000);
+        let t0 = Instant::now();
+        w.on_data(8000).unwrap();
+        // Half read with a cap of 2000: 4000 read, 4000 of it withheld... at
+        // most what was read.
+        assert_eq!(w.on_consumed(4000, t0, RTT, 2000, &mut budget), None);
+        assert_eq!(w.window(), 4000);
+        assert!(w.is_conserved());
+        assert_eq!(w.on_consumed(4000, t0, RTT, 2000, &mut budget), Some(2000));
+        assert_eq!(w.window(), 2000);
+        assert_eq!(budget.used(), 2000);
         assert!(w.is_conserved());
     }
 

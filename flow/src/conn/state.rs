@@ -65,6 +65,15 @@ const MAX_OPEN_FLOW_HEADER: usize = 1 + 6 * 9;
 /// check rides along with the data; an idle connection sends none).
 const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Another flow that received data this recently makes the connection
+/// contended: windows then shrink to [`ConnConfig::contended_window`].
+const CONTENTION_SPAN: Duration = Duration::from_millis(50);
+
+/// Buffers of written chunks kept for reuse, per connection: writing into
+/// memory already touched saves the page faults and zeroing of fresh
+/// allocations on every write.
+const MAX_SPARE_BUFFERS: usize = 32;
+
 /// A chunk at least this long goes out as a frame of its own, encrypted in
 /// place, rather than being copied into a shared frame.
 const ZERO_COPY_MIN: usize = 8 * 1024;
@@ -270,6 +279,8 @@ pub struct ConnState {
     /// grant must still reach the peer: it returns its shared tokens).
     orphan_releases: Vec<Release>,
     control: VecDeque<Message>,
+    /// Allocations of sent chunks, for the next writes.
+    spare_buffers: Vec<BytesMut>,
     health_response_due: bool,
     writer_waker: Option<Waker>,
     local_blessings: Vec<(Blessings, u64)>,
@@ -281,6 +292,8 @@ pub struct ConnState {
     last_used: Instant,
     health_sent_at: Option<Instant>,
     last_rtt_sample: Instant,
+    /// The two flows that most recently received data, and when.
+    recent_receivers: [Option<(FlowId, Instant)>; 2],
     peer_lame_duck: bool,
     local_lame_duck: bool,
     lame_duck_acked: bool,
@@ -339,6 +352,7 @@ impl ConnState {
             release_queue: VecDeque::new(),
             orphan_releases: Vec::new(),
             control: VecDeque::new(),
+            spare_buffers: Vec::new(),
             health_response_due: false,
             writer_waker: None,
             local_blessings: vec![(est.local_blessings, CONN_BLESSINGS_KEY)],
@@ -350,6 +364,7 @@ impl ConnState {
             last_used: now,
             health_sent_at: None,
             last_rtt_sample: now,
+            recent_receivers: [None, None],
             peer_lame_duck: false,
             local_lame_duck: false,
             lame_duck_acked: false,
@@ -918,6 +933,7 @@ impl ConnState {
         self.stats.bytes_received += n;
         if n > 0 {
             self.last_used = now;
+            note_receiver(&mut self.recent_receivers, id, now);
         }
         if entry.discarding {
             let release = entry.window.discard();
@@ -1023,7 +1039,14 @@ impl ConnState {
             let Some(entry) = self.flows.get_mut(&id) else {
                 continue;
             };
-            match emit_flow(id, entry, buf, max, &mut self.stats) {
+            match emit_flow(
+                id,
+                entry,
+                buf,
+                max,
+                &mut self.stats,
+                &mut self.spare_buffers,
+            ) {
                 Emitted::Nothing => {
                     // Did not fit: it goes first in the next frame.
                     self.ready.push_front(id);
@@ -1408,7 +1431,16 @@ impl ConnState {
     ) -> Poll<Result<Option<Bytes>>> {
         let id = self.resolve(id);
         let rtt = self.rtt;
-        let max_window = self.config.max_window;
+        // While another flow is busy too, a flow keeps a smaller window, so it
+        // cannot queue much ahead of the others' messages.
+        let contended = self.recent_receivers.iter().flatten().any(|(other, at)| {
+            *other != id && now.saturating_duration_since(*at) < CONTENTION_SPAN
+        });
+        let max_window = if contended {
+            self.config.max_window.min(self.config.contended_window)
+        } else {
+            self.config.max_window
+        };
         let error = self.error.clone();
         let Some(entry) = self.flows.get_mut(&id) else {
             return Poll::Ready(Ok(None));
@@ -1516,6 +1548,47 @@ impl ConnState {
             .take(n as u64, &mut self.pool, can_borrow, max_message as u64);
         debug_assert_eq!(taken, n as u64);
         Poll::Ready(Ok(n))
+    }
+
+    /// A buffer for the next chunk of at least `len` payload bytes, from
+    /// those already used when one is big enough.
+    pub(crate) fn spare_buffer(&mut self, len: usize) -> BytesMut {
+        match self.spare_buffers.pop() {
+            Some(b) if b.capacity() >= len + super::chunk::HEADROOM => b,
+            Some(b) => {
+                self.spare_buffers.push(b);
+                BytesMut::new()
+            }
+            None => BytesMut::new(),
+        }
+    }
+
+    /// Keeps `buf` (a sent chunk's allocation, no longer shared) for reuse.
+    pub fn recycle(&mut self, mut buf: BytesMut) {
+        if self.spare_buffers.len() < MAX_SPARE_BUFFERS && buf.capacity() >= ZERO_COPY_MIN {
+            buf.clear();
+            self.spare_buffers.push(buf);
+        }
+    }
+
+    /// Whether several flows have been busy lately (received data, or have
+    /// data to send): then small messages should not wait behind big
+    /// batches.
+    pub fn is_contended(&self, now: Instant) -> bool {
+        let recent = self
+            .recent_receivers
+            .iter()
+            .flatten()
+            .filter(|(_, at)| now.saturating_duration_since(*at) < CONTENTION_SPAN)
+            .count();
+        recent >= 2 || self.ready.len() >= 2
+    }
+
+    /// Whether flow `id` has not gone out on the wire yet (its first bytes
+    /// ride inside its `OpenFlow`, paid from shared tokens).
+    pub(crate) fn is_unopened(&self, id: FlowId) -> bool {
+        let id = self.resolve(id);
+        self.flows.get(&id).is_some_and(|e| !e.opened)
     }
 
     /// Queues `chunk`, whose bytes [`ConnState::reserve_write`] paid for.
@@ -1678,6 +1751,17 @@ impl ConnState {
     }
 }
 
+/// Records that flow `id` received data at `now`.
+fn note_receiver(recent: &mut [Option<(FlowId, Instant)>; 2], id: FlowId, now: Instant) {
+    match recent[0] {
+        Some((first, _)) if first == id => recent[0] = Some((id, now)),
+        _ => {
+            recent[1] = recent[0];
+            recent[0] = Some((id, now));
+        }
+    }
+}
+
 /// A payload small against its frame is copied so it does not keep the whole
 /// frame alive.
 fn detach(payload: Bytes, frame_len: usize) -> Bytes {
@@ -1720,6 +1804,7 @@ fn emit_flow(
     buf: &mut BytesMut,
     max: usize,
     stats: &mut ConnStats,
+    spare: &mut Vec<BytesMut>,
 ) -> Emitted {
     let room = max - buf.len();
     if !entry.opened {
@@ -1800,6 +1885,10 @@ fn emit_flow(
     Data::encode_header(id, flags, len, buf);
     let passthrough_at = entry.passthrough.then_some(buf.len());
     buf.put_slice(chunk.as_slice());
+    let used = chunk.into_buffer();
+    if spare.len() < MAX_SPARE_BUFFERS && used.capacity() >= ZERO_COPY_MIN {
+        spare.push(used);
+    }
     Emitted::Some { passthrough_at }
 }
 

@@ -782,6 +782,7 @@ proptest! {
             initial_window: 32 * 1024,
             min_window: 4 * 1024,
             max_window: 128 * 1024,
+        contended_window: 12 * 1024,
             connection_budget: 256 * 1024,
             shared_tokens: 8 * 1024,
             ..ConnConfig::default()
@@ -904,4 +905,50 @@ fn rtt_is_sampled_while_data_flows() {
     p.now += Duration::from_millis(3);
     transfer(&mut p.b, &mut p.a, p.now);
     assert_eq!(p.a.rtt(), Duration::from_millis(3));
+}
+
+#[test]
+fn a_busy_second_flow_shrinks_a_bulk_flows_window() {
+    let config = ConnConfig {
+        initial_window: 64 * 1024,
+        max_window: 1024 * 1024,
+        contended_window: 64 * 1024,
+        ..ConnConfig::default()
+    };
+    let mut p = Pair::with_config(config);
+    let bulk = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, bulk, b"start");
+    p.pump();
+    let bulk_in = accept(&mut p.b).unwrap();
+    p.pump();
+    // Alone, the bulk flow's window grows as it is read quickly.
+    let chunk = vec![0u8; 16 * 1024];
+    let mut window_alone = 0;
+    for _ in 0..400 {
+        while write_all(&mut p.a, bulk, &chunk) > 0 {}
+        p.pump();
+        read_all(&mut p.b, bulk_in);
+        p.pump();
+        window_alone = window_alone.max(p.b.window_total());
+    }
+    assert!(window_alone > 256 * 1024, "window grew to {window_alone}");
+    // A second flow starts receiving: the bulk window comes back down.
+    let ping = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, ping, b"ping");
+    p.pump();
+    let ping_in = accept(&mut p.b).unwrap();
+    for _ in 0..50 {
+        write_all(&mut p.a, ping, b"ping");
+        while write_all(&mut p.a, bulk, &chunk) > 0 {}
+        p.pump();
+        read_all(&mut p.b, ping_in);
+        read_all(&mut p.b, bulk_in);
+        p.pump();
+    }
+    let total = p.b.window_total();
+    assert!(
+        total <= 64 * 1024 + ConnConfig::default().initial_window,
+        "windows still total {total} with two busy flows"
+    );
+    assert!(p.a.error().is_none() && p.b.error().is_none());
 }
