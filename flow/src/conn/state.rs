@@ -69,6 +69,11 @@ const RTT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// contended: windows then shrink to [`ConnConfig::contended_window`].
 const CONTENTION_SPAN: Duration = Duration::from_millis(50);
 
+/// Most bytes a flow queues for sending, whatever credit it holds: enough
+/// to keep the writer busy, few enough that the buffers in circulation stay
+/// warm in [`ConnState::spare_buffer`]'s pool.
+const MAX_QUEUED: u64 = 1024 * 1024;
+
 /// Buffers of written chunks kept for reuse, per connection: writing into
 /// memory already touched saves the page faults and zeroing of fresh
 /// allocations on every write.
@@ -1492,7 +1497,7 @@ impl ConnState {
         }
         let max_message = self.max_message();
         let max_chunk = self.max_chunk();
-        let max_queue = self.config.max_window.max(max_message as u64);
+        let max_queue = MAX_QUEUED.max(max_message as u64);
         let lame_duck_ack_sent = self.lame_duck_ack_sent;
         let entry = match self.flows.get_mut(&id) {
             Some(e) => e,
@@ -1553,14 +1558,12 @@ impl ConnState {
     /// A buffer for the next chunk of at least `len` payload bytes, from
     /// those already used when one is big enough.
     pub(crate) fn spare_buffer(&mut self, len: usize) -> BytesMut {
-        match self.spare_buffers.pop() {
-            Some(b) if b.capacity() >= len + super::chunk::HEADROOM => b,
-            Some(b) => {
-                self.spare_buffers.push(b);
-                BytesMut::new()
-            }
-            None => BytesMut::new(),
+        // A recycled frame starts a little into its allocation; `reserve`
+        // takes the whole allocation back when it is big enough.
+        if len < ZERO_COPY_MIN {
+            return BytesMut::new();
         }
+        self.spare_buffers.pop().unwrap_or_default()
     }
 
     /// Keeps `buf` (a sent chunk's allocation, no longer shared) for reuse.
