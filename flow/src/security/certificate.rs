@@ -123,12 +123,31 @@ fn signed_message(
 /// Checks every signature of `chain`. Fails with
 /// [`ErrorKind::Auth`](crate::ErrorKind::Auth) naming the first certificate
 /// (0-based, the root is 0) whose signature does not verify.
+///
+/// A chain that verified once is remembered (by a SHA-256 digest of every
+/// certificate's signed message and signature), so a peer presenting the
+/// same blessings again — on every connection — costs no signature checks.
 pub(crate) fn verify_chain(chain: &[Certificate]) -> Result<()> {
     let mut previous: Option<&Certificate> = None;
-    for (i, cert) in chain.iter().enumerate() {
-        let signer = previous.map_or(&cert.public_key, |p| &p.public_key);
+    let mut messages = Vec::with_capacity(chain.len());
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for cert in chain {
         let message = cert.signed_message(previous.map(|p| &p.signature));
-        signer.verify(&message, &cert.signature).map_err(|_| {
+        digest.update(&(message.len() as u64).to_be_bytes());
+        digest.update(&message);
+        digest.update(cert.signature.as_bytes());
+        messages.push(message);
+        previous = Some(cert);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.finish().as_ref());
+    if verified_chains::contains(&key) {
+        return Ok(());
+    }
+    let mut previous: Option<&Certificate> = None;
+    for (i, (cert, message)) in chain.iter().zip(&messages).enumerate() {
+        let signer = previous.map_or(&cert.public_key, |p| &p.public_key);
+        signer.verify(message, &cert.signature).map_err(|_| {
             Error::auth(format!(
                 "bad signature in certificate {i} ({:?})",
                 cert.extension
@@ -136,7 +155,45 @@ pub(crate) fn verify_chain(chain: &[Certificate]) -> Result<()> {
         })?;
         previous = Some(cert);
     }
+    verified_chains::insert(key);
     Ok(())
+}
+
+/// Digests of chains whose signatures verified, process-wide, bounded.
+mod verified_chains {
+    use std::collections::{HashSet, VecDeque};
+    use std::sync::{Mutex, PoisonError};
+
+    /// Chains remembered; the oldest is forgotten first.
+    const CAPACITY: usize = 4096;
+
+    struct Cache {
+        set: HashSet<[u8; 32]>,
+        order: VecDeque<[u8; 32]>,
+    }
+
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+    pub(super) fn contains(key: &[u8; 32]) -> bool {
+        let cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.as_ref().is_some_and(|c| c.set.contains(key))
+    }
+
+    pub(super) fn insert(key: [u8; 32]) {
+        let mut guard = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        let cache = guard.get_or_insert_with(|| Cache {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        });
+        if cache.set.insert(key) {
+            cache.order.push_back(key);
+            if cache.order.len() > CAPACITY
+                && let Some(old) = cache.order.pop_front()
+            {
+                cache.set.remove(&old);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +207,21 @@ mod tests {
 
     fn pk(sk: &SigningKey) -> PublicKey {
         PublicKey::from_verifying_key(sk.verifying_key())
+    }
+
+    #[test]
+    fn a_remembered_chain_does_not_vouch_for_a_tampered_copy() {
+        let (a, b) = (key(11), key(12));
+        let root = Certificate::sign(&a, None, "carol", pk(&a), vec![]).unwrap();
+        let leaf = Certificate::sign(&a, Some(&root.signature), "tv", pk(&b), vec![]).unwrap();
+        let good = vec![root.clone(), leaf.clone()];
+        verify_chain(&good).unwrap();
+        verify_chain(&good).unwrap();
+        // Same signatures, another extension: must be checked, and fail.
+        let mut forged = leaf.clone();
+        forged.extension = "radio".into();
+        let err = verify_chain(&[root, forged]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Auth);
     }
 
     #[test]
