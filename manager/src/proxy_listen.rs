@@ -25,6 +25,9 @@ use tokio::sync::watch;
 use crate::flow_conn::FlowConn;
 use crate::manager::{Inner, Manager};
 
+/// How long tunnels may go on after the proxy's control flow ended.
+const TUNNEL_DRAIN: Duration = Duration::from_secs(30);
+
 /// Which request opens the control flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyRequest {
@@ -354,7 +357,13 @@ async fn follow_control(
         }
     };
     drop(writer);
-    conn.close("proxy control flow ended");
+    // Tunnels still open on the connection finish first (the proxy may be
+    // shutting down gracefully); nothing new is opened on it.
+    conn.enter_lame_duck();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(TUNNEL_DRAIN, conn.idle()).await;
+        conn.close("proxy control flow ended");
+    });
     if let Some(inner) = inner.upgrade() {
         let recorded = err.clone();
         inner.status.update(|s| {

@@ -1062,7 +1062,7 @@ impl ConnState {
                         clear_from = passthrough_at;
                     }
                 }
-                Emitted::OwnFrame(frame) => {
+                Emitted::OwnFrame(frame, encrypted) => {
                     self.last_used = now;
                     if entry.is_sendable() {
                         self.ready.push_back(id);
@@ -1076,7 +1076,7 @@ impl ConnState {
                     self.maybe_reap(id);
                     self.stats.frames_sent += 1;
                     return Some(BuiltFrame {
-                        encrypted_len: frame.len() - super::FRAME_OVERHEAD,
+                        encrypted_len: encrypted.unwrap_or(frame.len() - super::FRAME_OVERHEAD),
                         own_buffer: Some(frame),
                     });
                 }
@@ -1794,8 +1794,12 @@ fn schedule(ready: &mut VecDeque<FlowId>, id: FlowId, entry: &mut FlowEntry) {
 
 enum Emitted {
     Nothing,
-    Some { passthrough_at: Option<usize> },
-    OwnFrame(BytesMut),
+    Some {
+        passthrough_at: Option<usize>,
+    },
+    /// A chunk as a frame of its own; for a passthrough payload, only the
+    /// header's bytes are encrypted.
+    OwnFrame(BytesMut, Option<usize>),
 }
 
 /// Writes the next piece of flow `id` into `buf` (an `OpenFlow` first if
@@ -1866,7 +1870,7 @@ fn emit_flow(
     if header_len + len > room {
         return Emitted::Nothing;
     }
-    let zero_copy = len >= ZERO_COPY_MIN && !entry.passthrough;
+    let zero_copy = len >= ZERO_COPY_MIN;
     if zero_copy && !buf.is_empty() {
         // Worth a frame of its own: it goes first in the next one.
         return Emitted::Nothing;
@@ -1883,7 +1887,8 @@ fn emit_flow(
     if zero_copy {
         let mut header = BytesMut::with_capacity(MAX_DATA_HEADER);
         Data::encode_header(id, flags, len, &mut header);
-        return Emitted::OwnFrame(chunk.into_frame(&header));
+        let encrypted = entry.passthrough.then_some(header.len());
+        return Emitted::OwnFrame(chunk.into_frame(&header), encrypted);
     }
     Data::encode_header(id, flags, len, buf);
     let passthrough_at = entry.passthrough.then_some(buf.len());

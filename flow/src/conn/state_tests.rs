@@ -47,10 +47,18 @@ impl Pair {
     }
 
     fn with_config(config: ConnConfig) -> Self {
+        Pair::with_frames(config, 16 * 1024)
+    }
+
+    fn with_frames(config: ConnConfig, max_frame: usize) -> Self {
         let now = Instant::now();
         let mut b_est = established(Role::Acceptor);
+        b_est.max_frame = max_frame;
+        b_est.max_recv_frame = max_frame;
         b_est.peer_shared_tokens = config.effective_shared_tokens();
         let mut a_est = established(Role::Dialer);
+        a_est.max_frame = max_frame;
+        a_est.max_recv_frame = max_frame;
         a_est.peer_shared_tokens = config.effective_shared_tokens();
         Pair {
             a: ConnState::new(config.clone(), a_est, now),
@@ -109,9 +117,13 @@ fn write_all(conn: &mut ConnState, id: FlowId, data: &[u8]) -> usize {
 }
 
 fn read_all(conn: &mut ConnState, id: FlowId) -> (Vec<u8>, bool) {
+    read_all_at(conn, id, Instant::now())
+}
+
+fn read_all_at(conn: &mut ConnState, id: FlowId, now: Instant) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     loop {
-        match conn.poll_read(&mut cx(), Instant::now(), id, usize::MAX) {
+        match conn.poll_read(&mut cx(), now, id, usize::MAX) {
             Poll::Ready(Ok(Some(b))) => out.extend_from_slice(&b),
             Poll::Ready(Ok(None)) => return (out, true),
             Poll::Ready(Err(e)) => panic!("read failed: {e}"),
@@ -927,7 +939,7 @@ fn a_busy_second_flow_shrinks_a_bulk_flows_window() {
     for _ in 0..400 {
         while write_all(&mut p.a, bulk, &chunk) > 0 {}
         p.pump();
-        read_all(&mut p.b, bulk_in);
+        read_all_at(&mut p.b, bulk_in, p.now);
         p.pump();
         window_alone = window_alone.max(p.b.window_total());
     }
@@ -941,8 +953,8 @@ fn a_busy_second_flow_shrinks_a_bulk_flows_window() {
         write_all(&mut p.a, ping, b"ping");
         while write_all(&mut p.a, bulk, &chunk) > 0 {}
         p.pump();
-        read_all(&mut p.b, ping_in);
-        read_all(&mut p.b, bulk_in);
+        read_all_at(&mut p.b, ping_in, p.now);
+        read_all_at(&mut p.b, bulk_in, p.now);
         p.pump();
     }
     let total = p.b.window_total();
@@ -951,4 +963,29 @@ fn a_busy_second_flow_shrinks_a_bulk_flows_window() {
         "windows still total {total} with two busy flows"
     );
     assert!(p.a.error().is_none() && p.b.error().is_none());
+}
+
+#[test]
+fn big_passthrough_payloads_go_out_in_frames_of_their_own_unencrypted() {
+    let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    p.a.set_passthrough(f).unwrap();
+    let sealed = vec![0x5a; 10_000];
+    assert_eq!(write_all(&mut p.a, f, &sealed), sealed.len());
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    let own = built.own_buffer.expect("a frame of its own");
+    let frame = &own[super::FRAME_OVERHEAD..];
+    // Only the Data header is to be encrypted; the payload follows as is.
+    assert!(built.encrypted_len < 16);
+    assert_eq!(&frame[built.encrypted_len..], &sealed[..]);
+    let mut own = own;
+    own.advance(super::FRAME_OVERHEAD);
+    p.b.handle_frame(p.now, own.freeze(), built.encrypted_len)
+        .unwrap();
+    assert_eq!(read_all(&mut p.b, g).0.len(), 4 + sealed.len());
 }
