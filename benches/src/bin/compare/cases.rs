@@ -30,11 +30,13 @@ pub(crate) enum Case {
     IdleMemory,
     /// New authenticated connections.
     Handshake,
+    /// Flows from flow's Manager: on a cached connection and a new one.
+    ManagerDial,
 }
 
 impl Case {
     /// Every case, in run order.
-    pub(crate) const ALL: [Case; 7] = [
+    pub(crate) const ALL: [Case; 8] = [
         Case::Throughput,
         Case::ThroughputMany,
         Case::Rtt,
@@ -42,6 +44,7 @@ impl Case {
         Case::Open,
         Case::IdleMemory,
         Case::Handshake,
+        Case::ManagerDial,
     ];
 
     /// The name used on the command line and in the output.
@@ -54,6 +57,7 @@ impl Case {
             Case::Open => "open",
             Case::IdleMemory => "idle-memory",
             Case::Handshake => "handshake",
+            Case::ManagerDial => "manager-dial",
         }
     }
 
@@ -70,6 +74,7 @@ impl Case {
             Case::RttUnderLoad => ("p99_us", false),
             Case::Open | Case::Handshake => ("per_s", true),
             Case::IdleMemory => ("bytes_per_stream", false),
+            Case::ManagerDial => ("cold_per_s", true),
         }
     }
 }
@@ -125,18 +130,22 @@ pub(crate) fn skip_reason(case: Case, system: System) -> Option<&'static str> {
         (Case::IdleMemory, System::Tcp) => {
             Some("one TCP connection per stream: its cost is kernel socket memory, not process RSS")
         }
+        (Case::ManagerDial, System::FlowTcp | System::YamuxNoise) => None,
+        (Case::ManagerDial, _) => {
+            Some("flow's Manager against tcp + Noise XX only (the Manager is flow's)")
+        }
         _ => None,
     }
 }
 
 /// Default stream limit of a connection in the in-process cases.
-const STREAMS: usize = 1024;
+pub(crate) const STREAMS: usize = 1024;
 
 fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
 
-fn percentile_us(sorted: &[Duration], fraction: f64) -> f64 {
+pub(crate) fn percentile_us(sorted: &[Duration], fraction: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -175,6 +184,7 @@ pub(crate) async fn run(
         Case::RttUnderLoad => rtt_under_load(system, creds, p).await,
         Case::Open => open(system, creds, p).await,
         Case::Handshake => handshake(system, creds, p).await,
+        Case::ManagerDial => crate::manager_dial::run(system, creds, p).await,
         Case::IdleMemory => Err("idle-memory runs in child processes".into()),
     }
 }

@@ -25,6 +25,7 @@
 //! `ratio_to_flow` is flow-tcp's main figure divided by the system's.
 
 mod cases;
+mod manager_dial;
 mod memory;
 mod noise;
 mod quic;
