@@ -232,6 +232,11 @@ async fn stop_listening_fails_pending_accepts_and_listening_again_works() {
 #[tokio::test]
 async fn status_records_listen_errors_and_notifies() {
     let m = manager("server");
+    // Listening is a change.
+    let initial = m.status();
+    let handle = m.listen("tcp", "127.0.0.1:0").await.unwrap();
+    within(5, initial.changed()).await;
+    assert!(m.status().endpoints.contains(handle.endpoint()));
     let before = m.status();
     let err = m.listen("tcp", "256.0.0.1:1").await.unwrap_err();
     assert_ne!(err.kind(), ErrorKind::BadState);
