@@ -838,9 +838,13 @@ impl Manager {
         for c in &conns {
             c.enter_lame_duck();
         }
+        // Each connection closes as soon as it has drained: a proxied
+        // connection runs inside a flow of the connection to its proxy,
+        // which only drains once the inner one is closed.
         let drained = futures::future::join_all(conns.iter().map(|c| async move {
             c.lame_duck_acked().await;
             c.idle().await;
+            c.close("manager closed");
         }));
         let _ = tokio::time::timeout(self.inner.close_grace, drained).await;
         for c in &conns {

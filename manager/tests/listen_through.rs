@@ -351,3 +351,31 @@ async fn dial_only_managers_cannot_listen_through_a_proxy() {
     let err = m.proxy_listen("p", &proxy.endpoint).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::BadState);
 }
+
+#[tokio::test]
+async fn closing_managers_with_proxied_connections_does_not_wait_out_the_grace() {
+    // A proxied connection runs inside a flow of the connection to the
+    // proxy, so that outer connection is busy until the inner one closes:
+    // closing must close drained connections as it goes, not wait for all.
+    let proxy = MiniProxy::start(false).await;
+    let grace = Duration::from_secs(600);
+    let server = Manager::builder(Principal::with_self_blessing("server").unwrap())
+        .close_grace(grace)
+        .build();
+    serve_echo(&server);
+    let handle = within(10, server.proxy_listen("p", &proxy.endpoint))
+        .await
+        .unwrap();
+    let client = Manager::builder(Principal::with_self_blessing("client").unwrap())
+        .dial_only()
+        .close_grace(grace)
+        .build();
+    let (back, flow) = echo(&client, handle.endpoints(), b"ping").await;
+    assert_eq!(back, b"ping");
+    drop(flow);
+    // The client holds its connection to the proxy and the one inside it.
+    assert_eq!(client.connections().len(), 2);
+    assert!(server.connections().iter().any(|c| server.is_tunneled(c)));
+    within(30, client.close()).await;
+    within(30, server.close()).await;
+}
