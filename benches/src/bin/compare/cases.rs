@@ -32,11 +32,13 @@ pub(crate) enum Case {
     Handshake,
     /// Flows from flow's Manager: on a cached connection and a new one.
     ManagerDial,
+    /// One flow through a proxy versus direct.
+    Proxy,
 }
 
 impl Case {
     /// Every case, in run order.
-    pub(crate) const ALL: [Case; 8] = [
+    pub(crate) const ALL: [Case; 9] = [
         Case::Throughput,
         Case::ThroughputMany,
         Case::Rtt,
@@ -45,6 +47,7 @@ impl Case {
         Case::IdleMemory,
         Case::Handshake,
         Case::ManagerDial,
+        Case::Proxy,
     ];
 
     /// The name used on the command line and in the output.
@@ -58,6 +61,7 @@ impl Case {
             Case::IdleMemory => "idle-memory",
             Case::Handshake => "handshake",
             Case::ManagerDial => "manager-dial",
+            Case::Proxy => "proxy",
         }
     }
 
@@ -69,7 +73,7 @@ impl Case {
     /// The figure the ratio to flow is taken of, and whether more is better.
     pub(crate) fn main_figure(self) -> (&'static str, bool) {
         match self {
-            Case::Throughput | Case::ThroughputMany => ("mb_per_s", true),
+            Case::Throughput | Case::ThroughputMany | Case::Proxy => ("mb_per_s", true),
             Case::Rtt => ("p50_us", false),
             Case::RttUnderLoad => ("p99_us", false),
             Case::Open | Case::Handshake => ("per_s", true),
@@ -130,6 +134,9 @@ pub(crate) fn skip_reason(case: Case, system: System) -> Option<&'static str> {
         (Case::IdleMemory, System::Tcp) => {
             Some("one TCP connection per stream: its cost is kernel socket memory, not process RSS")
         }
+        (Case::Proxy, System::FlowTcp | System::FlowProxy) => None,
+        (Case::Proxy, _) => Some("flow through one proxy versus flow direct (flow-tcp)"),
+        (_, System::FlowProxy) => Some(crate::systems::PROXY_ONLY),
         (Case::ManagerDial, System::FlowTcp | System::YamuxNoise) => None,
         (Case::ManagerDial, _) => {
             Some("flow's Manager against tcp + Noise XX only (the Manager is flow's)")
@@ -141,7 +148,7 @@ pub(crate) fn skip_reason(case: Case, system: System) -> Option<&'static str> {
 /// Default stream limit of a connection in the in-process cases.
 pub(crate) const STREAMS: usize = 1024;
 
-fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64()
 }
 
@@ -185,13 +192,18 @@ pub(crate) async fn run(
         Case::Open => open(system, creds, p).await,
         Case::Handshake => handshake(system, creds, p).await,
         Case::ManagerDial => crate::manager_dial::run(system, creds, p).await,
+        Case::Proxy => crate::through_proxy::run(system, p).await,
         Case::IdleMemory => Err("idle-memory runs in child processes".into()),
     }
 }
 
 /// Asks the server for `bytes` on `stream` and reads them; adds each read
 /// to `progress`. Returns the bytes read.
-async fn download(stream: &mut BoxStream, bytes: u64, progress: Option<&AtomicU64>) -> Result<u64> {
+pub(crate) async fn download(
+    stream: &mut BoxStream,
+    bytes: u64,
+    progress: Option<&AtomicU64>,
+) -> Result<u64> {
     let mut request = [0u8; 9];
     request[0] = TAG_DOWNLOAD;
     request[1..].copy_from_slice(&bytes.to_be_bytes());
@@ -273,7 +285,7 @@ async fn throughput_many(system: System, creds: &Credentials, p: &Params) -> Res
 /// Measures 64-byte round trips on `stream` (already tagged for echo):
 /// `iters` of them, or as many as fit before `deadline`; returns them
 /// sorted.
-async fn round_trips(
+pub(crate) async fn round_trips(
     stream: &mut BoxStream,
     iters: usize,
     deadline: Option<Instant>,

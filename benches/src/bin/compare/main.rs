@@ -10,8 +10,10 @@
 //! Systems: `flow-tcp`, `flow-unix`, `yamux-noise` (TCP + snow Noise XX with
 //! ed25519-signed static keys + yamux, as libp2p assembles them), `yamux`
 //! (over plain TCP), `quinn` (QUIC on loopback) and `tcp` (one connection
-//! per stream: the ceiling). Cases: `throughput`, `throughput-many`, `rtt`,
-//! `rtt-under-load`, `open`, `idle-memory`, `handshake`.
+//! per stream: the ceiling), and `flow-proxy` (flow through one proxy,
+//! only in the `proxy` case, against `flow-tcp` direct). Cases:
+//! `throughput`, `throughput-many`, `rtt`, `rtt-under-load`, `open`,
+//! `idle-memory`, `handshake`, `manager-dial`, `proxy`.
 //!
 //! For each case, every selected system runs in turn, and the round repeats
 //! (A B C A B C ...); figures are medians over rounds. Everything, clients
@@ -31,6 +33,7 @@ mod noise;
 mod quic;
 mod report;
 mod systems;
+mod through_proxy;
 mod yamux_link;
 
 use std::sync::Arc;
@@ -51,9 +54,11 @@ usage: compare [--case NAME]... [--system NAME]... [--bytes N] [--iters N]
                [--count N] [--rounds N] [--quick] [--json]
 
 cases:   throughput throughput-many rtt rtt-under-load open idle-memory handshake
-systems: flow-tcp flow-unix yamux-noise yamux quinn tcp
+         manager-dial proxy
+systems: flow-tcp flow-unix yamux-noise yamux quinn tcp flow-proxy
 
-  --bytes N    bytes moved by the throughput cases (default 1 GiB)
+  --bytes N    bytes moved by the throughput cases (default 1 GiB; the
+               proxy case moves a quarter of it)
   --iters N    round trips measured by rtt (default 10000); rtt-under-load
                runs round trips for a fixed time (2 s, --quick 0.5 s)
   --count N    streams for open and idle-memory, connections for handshake

@@ -35,6 +35,9 @@ pub(crate) type Result<T> = std::result::Result<T, BoxError>;
 /// How long a dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why `flow-proxy` has no server or dialer of this shape.
+pub(crate) const PROXY_ONLY: &str = "flow-proxy runs only the proxy case";
+
 /// Size of the chunks the server writes and reads.
 pub(crate) const CHUNK: usize = 64 * 1024;
 
@@ -66,17 +69,20 @@ pub(crate) enum System {
     Quinn,
     /// Plain TCP, one connection per stream.
     Tcp,
+    /// flow over tcp through one proxy (only the `proxy` case).
+    FlowProxy,
 }
 
 impl System {
     /// Every system, in report order.
-    pub(crate) const ALL: [System; 6] = [
+    pub(crate) const ALL: [System; 7] = [
         System::FlowTcp,
         System::FlowUnix,
         System::YamuxNoise,
         System::Yamux,
         System::Quinn,
         System::Tcp,
+        System::FlowProxy,
     ];
 
     /// The name used on the command line and in the output.
@@ -88,6 +94,7 @@ impl System {
             System::Yamux => "yamux",
             System::Quinn => "quinn",
             System::Tcp => "tcp",
+            System::FlowProxy => "flow-proxy",
         }
     }
 
@@ -418,6 +425,7 @@ impl Server {
                     unix_path: None,
                 })
             }
+            System::FlowProxy => Err(PROXY_ONLY.into()),
             System::Tcp => {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let addr = listener.local_addr()?.to_string();
@@ -521,6 +529,7 @@ impl Dialer {
                 let addr: SocketAddr = addr.parse()?;
                 Ok(Client::Tcp(addr))
             }
+            System::FlowProxy => Err(PROXY_ONLY.into()),
         }
     }
 }
