@@ -31,9 +31,12 @@
 //! threads, which separates the work a hop costs from the price of waking
 //! another thread.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{echo, sink};
 use flow::auth::AllowEveryone;
 use flow::conn::{Conn, ConnConfig, Flow, FlowOptions, HandshakeParams};
 use flow::naming::Endpoint;
@@ -61,40 +64,6 @@ fn runtime(workers: usize) -> Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// Reads batches: an 8-byte length, then that many bytes, then answers one
-/// byte.
-async fn sink(mut flow: Flow) {
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let mut len = [0u8; 8];
-        if flow.read_exact(&mut len).await.is_err() {
-            return;
-        }
-        let mut left = u64::from_be_bytes(len);
-        while left > 0 {
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            match flow.read(&mut buf[..want]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => left -= n as u64,
-            }
-        }
-        if flow.write_all(b"k").await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Echoes until the end of the flow.
-async fn echo(mut flow: Flow) {
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = flow.read(&mut buf).await {
-        if n == 0 || flow.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = flow.shutdown().await;
 }
 
 /// A server whose flows start with a byte choosing the service: `s` sink,

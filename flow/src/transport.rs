@@ -93,12 +93,14 @@ pub trait Protocol: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Box<dyn FramedConn>>>;
 
     /// Normalizes `address` (for tcp: DNS) into the protocol to dial and every
-    /// address it stands for.
+    /// address it stands for. By default, `address` stands for itself.
     fn resolve<'a>(
         &'a self,
         protocol: &'a str,
         address: &'a str,
-    ) -> BoxFuture<'a, Result<(String, Vec<String>)>>;
+    ) -> BoxFuture<'a, Result<(String, Vec<String>)>> {
+        Box::pin(async move { Ok((protocol.to_string(), vec![address.to_string()])) })
+    }
 
     /// Starts listening on `address`.
     fn listen<'a>(

@@ -284,14 +284,6 @@ impl Protocol for MemoryProtocol {
         ))
     }
 
-    fn resolve<'a>(
-        &'a self,
-        protocol: &'a str,
-        address: &'a str,
-    ) -> BoxFuture<'a, Result<(String, Vec<String>)>> {
-        Box::pin(async move { Ok((protocol.to_string(), vec![address.to_string()])) })
-    }
-
     fn listen<'a>(
         &'a self,
         protocol: &'a str,

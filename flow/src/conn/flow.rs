@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 
 use super::chunk::Chunk;
 use super::driver::Conn;
-use super::state::FlowId;
+use super::state::{ConnState, FlowId};
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
 use crate::{Error, ErrorKind, Result};
@@ -225,56 +225,33 @@ impl Flow {
 
     /// The blessings the peer presented on this flow.
     pub fn remote_blessings(&self) -> Blessings {
-        let inner = &self.reader.inner;
-        inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .flow_remote_credentials(inner.id)
-            .0
+        self.with_state(|state, id| state.flow_remote_credentials(id).0)
     }
 
     /// The discharges the peer presented on this flow.
     pub fn remote_discharges(&self) -> Discharges {
-        let inner = &self.reader.inner;
-        inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .flow_remote_credentials(inner.id)
-            .1
+        self.with_state(|state, id| state.flow_remote_credentials(id).1)
     }
 
     /// The blessings this side presented on this flow.
     pub fn local_blessings(&self) -> Blessings {
-        let inner = &self.reader.inner;
-        inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .flow_local_credentials(inner.id)
-            .0
+        self.with_state(|state, id| state.flow_local_credentials(id).0)
     }
 
     /// The discharges this side presented on this flow.
     pub fn local_discharges(&self) -> Discharges {
-        let inner = &self.reader.inner;
-        inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .flow_local_credentials(inner.id)
-            .1
+        self.with_state(|state, id| state.flow_local_credentials(id).1)
     }
 
     /// Whether this flow is a side channel.
     pub fn is_side_channel(&self) -> bool {
+        self.with_state(|state, id| state.is_side_channel(id))
+    }
+
+    /// Runs `f` on the connection's state, locked, with this flow's id.
+    fn with_state<T>(&self, f: impl FnOnce(&mut ConnState, FlowId) -> T) -> T {
         let inner = &self.reader.inner;
-        inner.conn.shared.state.lock().is_side_channel(inner.id)
+        f(&mut inner.conn.shared.state.lock(), inner.id)
     }
 }
 
