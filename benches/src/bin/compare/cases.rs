@@ -307,6 +307,29 @@ pub(crate) async fn round_trips(
     Ok(samples)
 }
 
+/// Round trips like [`round_trips`], and how many times per round trip a
+/// worker thread of the runtime went to sleep: one per socket hop is the
+/// floor (the thread waits for the peer); more means wake-ups that woke
+/// the other worker for nothing, each a futex round on this machine.
+pub(crate) async fn round_trips_and_parks(
+    stream: &mut BoxStream,
+    iters: usize,
+) -> Result<(Vec<Duration>, f64)> {
+    let parks_before = worker_parks();
+    let samples = round_trips(stream, iters, None).await?;
+    let parks = worker_parks() - parks_before;
+    let per_rt = parks as f64 / samples.len().max(1) as f64;
+    Ok((samples, per_rt))
+}
+
+/// Times the current runtime's worker threads have parked, summed.
+fn worker_parks() -> u64 {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    (0..metrics.num_workers())
+        .map(|w| metrics.worker_park_count(w))
+        .sum()
+}
+
 async fn echo_stream(client: &Client) -> Result<BoxStream> {
     let mut stream = client.open().await?;
     stream.write_all(&[TAG_ECHO]).await?;
@@ -318,12 +341,13 @@ async fn echo_stream(client: &Client) -> Result<BoxStream> {
 async fn rtt(system: System, creds: &Credentials, p: &Params) -> Result<Outcome> {
     let s = setup(system, creds).await?;
     let mut stream = echo_stream(&s.client).await?;
-    let samples = round_trips(&mut stream, p.iters, None).await?;
+    let (samples, parks_per_rt) = round_trips_and_parks(&mut stream, p.iters).await?;
     drop(stream);
     s.client.close();
     Ok(Outcome::default()
         .figure("p50_us", percentile_us(&samples, 0.50))
         .figure("p99_us", percentile_us(&samples, 0.99))
+        .figure("parks_per_rt", parks_per_rt)
         .note("samples", samples.len()))
 }
 

@@ -16,7 +16,9 @@ use flow_manager::Manager;
 use flow_manager::proxy::{Proxy, ProxyConfig};
 use tokio::io::AsyncWriteExt;
 
-use crate::cases::{Outcome, Params, download, mb_per_s, percentile_us, round_trips};
+use crate::cases::{
+    Outcome, Params, download, mb_per_s, percentile_us, round_trips, round_trips_and_parks,
+};
 use crate::systems::{BoxStream, Result, System, TAG_ECHO, serve_tagged};
 
 /// Share of `--bytes` the proxy case moves per run (a quarter: the case
@@ -93,12 +95,13 @@ async fn measure(client: &Manager, endpoint: &Endpoint, p: &Params) -> Result<Ou
     let mut echo: BoxStream = Box::new(client.dial(endpoint, auth, Duration::ZERO).await?);
     echo.write_all(&[TAG_ECHO]).await?;
     round_trips(&mut echo, WARM_UP, None).await?;
-    let samples = round_trips(&mut echo, p.iters, None).await?;
+    let (samples, parks_per_rt) = round_trips_and_parks(&mut echo, p.iters).await?;
     drop(echo);
     Ok(Outcome::default()
         .figure("mb_per_s", mb_per_s(got, elapsed))
         .figure("p50_us", percentile_us(&samples, 0.50))
         .figure("p99_us", percentile_us(&samples, 0.99))
+        .figure("parks_per_rt", parks_per_rt)
         .note("bytes", got)
         .note("samples", samples.len()))
 }
