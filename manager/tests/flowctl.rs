@@ -216,3 +216,22 @@ fn the_demo_runs_and_exits_0() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+#[test]
+fn ping_reports_round_trips_and_quiet_prints_only_the_summary() {
+    let (_server, endpoints) =
+        spawn_printing(FLOWCTL, &["listen", "--echo", "--tcp", "127.0.0.1:0"], 1);
+    let out = flowctl(&["ping", "--count", "5", &endpoints[0]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("connected to "), "{text}");
+    assert_eq!(text.matches("64 bytes: seq=").count(), 5, "{text}");
+    assert!(text.contains("(5 samples)"), "{text}");
+
+    let out = flowctl(&["ping", "--quiet", "--count", "50", &endpoints[0]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains("seq="), "{text}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("(50 samples)"), "{text}");
+}

@@ -18,6 +18,9 @@ pub(crate) struct PingArgs {
     /// Round trips to measure.
     #[arg(long, default_value_t = 10)]
     count: usize,
+    /// Print only the connection line and the summary, not each round trip.
+    #[arg(long, short)]
+    quiet: bool,
     /// An echoing listener (`flowctl listen --echo`).
     endpoint: String,
 }
@@ -55,7 +58,9 @@ pub(crate) async fn run(args: PingArgs) -> Result<()> {
             }
         }
         let rtt = t.elapsed();
-        println!("64 bytes: seq={i} time={:.3} ms", ms(rtt));
+        if !args.quiet {
+            println!("64 bytes: seq={i} time={:.3} ms", ms(rtt));
+        }
         rtts.push(rtt);
     }
     if !rtts.is_empty() {
@@ -69,7 +74,9 @@ pub(crate) async fn run(args: PingArgs) -> Result<()> {
             rtts.len()
         );
     }
-    flow.close_write();
+    // Done with the flow: dropping it ends it at once, so closing the
+    // manager does not wait for its drain grace period.
+    drop(flow);
     manager.close().await;
     Ok(())
 }
