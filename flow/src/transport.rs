@@ -35,6 +35,22 @@ pub trait FrameWriter: Send + 'static {
     /// [`crate::ErrorKind::BadArg`] before anything is written.
     fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>>;
 
+    /// Whether [`FrameWriter::try_write_frames`] can take frames without
+    /// waiting. A connection over such a transport lets the task that
+    /// writes to a flow send the frames itself, sparing a hand-off to the
+    /// connection's writer task. Asked once, when the connection starts.
+    fn writes_without_waiting(&self) -> bool {
+        false
+    }
+
+    /// Takes as many of `frames`, in order and each whole, as the transport
+    /// can take right now without waiting; returns how many it took. The
+    /// rest go through [`FrameWriter::write_frames`] later.
+    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+        let _ = frames;
+        Ok(0)
+    }
+
     /// Flushes and closes the write direction: the peer's reader sees a clean
     /// end of stream after the last frame.
     fn close(&mut self) -> BoxFuture<'_, Result<()>>;

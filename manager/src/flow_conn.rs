@@ -77,6 +77,19 @@ impl FrameWriter for FlowFrameWriter {
         })
     }
 
+    fn writes_without_waiting(&self) -> bool {
+        true
+    }
+
+    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+        for (taken, frame) in frames.iter().enumerate() {
+            if !self.0.try_write_msg(frame)? {
+                return Ok(taken);
+            }
+        }
+        Ok(frames.len())
+    }
+
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         self.0.close_write();
         Box::pin(async { Ok(()) })

@@ -33,6 +33,12 @@ const CONTENDED_BATCH_BYTES: usize = 64 * 1024;
 /// What a connection knows besides its state machine.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
+    /// What turns the state machine's frames into bytes on the transport;
+    /// taken by whoever is sending (the writer task, or an application task
+    /// when the transport can take frames without waiting).
+    transmitter: Mutex<Option<Box<Transmitter>>>,
+    /// Whether application tasks may send frames themselves.
+    sends_inline: bool,
     id: u64,
     local_endpoint: Endpoint,
     remote_endpoint: Endpoint,
@@ -213,8 +219,11 @@ impl Conn {
             // TearDown and flows see the error.
             let _ = state.handle_frame(now, frame, encrypted_len);
         }
+        let sends_inline = writer.writes_without_waiting();
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            transmitter: Mutex::new(Some(Box::new(Transmitter::new(writer, done.sealer)))),
+            sends_inline,
             id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             local_endpoint: done.local_endpoint,
             remote_endpoint: done.remote_endpoint,
@@ -224,7 +233,7 @@ impl Conn {
             remote_addr,
         });
         tokio::spawn(read_loop(shared.clone(), reader, done.opener));
-        tokio::spawn(write_loop(shared.clone(), writer, done.sealer));
+        tokio::spawn(write_loop(shared.clone()));
         let guard = Arc::new(CloseOnDrop(Arc::downgrade(&shared)));
         Conn {
             shared,
@@ -416,11 +425,12 @@ async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut op
     }
 }
 
-/// Waits until the state machine has something to send or a deadline
-/// passes (running the health-check clock).
-async fn wait_for_work(shared: &Shared) {
+/// Waits until the state machine has something to send (or the
+/// transmitter holds frames not yet written) and the transmitter is free,
+/// running the health-check clock meanwhile; returns the transmitter.
+async fn wait_for_work(shared: &Shared) -> Box<Transmitter> {
     enum Woke {
-        Work,
+        Work(Box<Transmitter>),
         Timer,
         Rearm,
     }
@@ -429,8 +439,15 @@ async fn wait_for_work(shared: &Shared) {
         let mut sleep = pin!(deadline.map(|d| tokio::time::sleep_until(d.into())));
         let woke = poll_fn(|cx| {
             let mut state = shared.state.lock();
-            if state.wants_to_send() || state.is_finished() {
-                return Poll::Ready(Woke::Work);
+            {
+                let mut slot = shared.transmitter.lock();
+                if let Some(tx) = slot.as_ref()
+                    && (state.wants_to_send() || state.is_finished() || tx.has_unwritten())
+                {
+                    return Poll::Ready(slot.take().map_or(Woke::Rearm, Woke::Work));
+                }
+                // Nothing to do, or an application task is sending: it
+                // wakes this task afterwards if anything is left.
             }
             if state.poll_timeout() != deadline {
                 // Something moved the deadline (say, an answered health
@@ -446,89 +463,31 @@ async fn wait_for_work(shared: &Shared) {
         })
         .await;
         match woke {
-            Woke::Work => return,
+            Woke::Work(tx) => return tx,
             Woke::Rearm => {}
             Woke::Timer => shared.state.lock().handle_timeout(Instant::now()),
         }
     }
 }
 
-async fn write_loop(
-    shared: Arc<Shared>,
-    mut writer: Box<dyn FrameWriter>,
-    mut sealer: FrameSealer,
-) {
-    let mut arena = BytesMut::new();
-    let mut built: Vec<(BytesMut, usize)> = Vec::with_capacity(BATCH_FRAMES);
-    let mut frames: Vec<Bytes> = Vec::with_capacity(BATCH_FRAMES);
+/// The writer task: sends what the state machine has to send, in batches,
+/// until the connection is finished or the transport fails.
+async fn write_loop(shared: Arc<Shared>) {
     loop {
-        wait_for_work(&shared).await;
-        // Build a batch under the lock; seal it outside.
+        let mut tx = wait_for_work(&shared).await;
         let finished = {
             let mut state = shared.state.lock();
-            let now = Instant::now();
-            let frame_cap = FRAME_OVERHEAD + state.max_message() * 3;
-            let mut bytes = 0;
-            let batch_bytes = if state.is_contended(now) {
-                CONTENDED_BATCH_BYTES
-            } else {
-                BATCH_BYTES
-            };
-            while built.len() < BATCH_FRAMES && bytes < batch_bytes {
-                arena.reserve(frame_cap.max(64 * 1024));
-                arena.put_bytes(0, FRAME_OVERHEAD);
-                let mut body = arena.split_off(FRAME_OVERHEAD);
-                match state.build_frame(now, &mut body) {
-                    Some(BuiltFrame {
-                        encrypted_len,
-                        own_buffer: Some(own),
-                    }) => {
-                        // A whole chunk, sent from its own buffer.
-                        arena.clear();
-                        arena.unsplit(body);
-                        bytes += own.len();
-                        built.push((own, encrypted_len));
-                    }
-                    Some(frame) => {
-                        bytes += body.len();
-                        arena.unsplit(body);
-                        built.push((arena.split(), frame.encrypted_len));
-                    }
-                    None => {
-                        arena.clear();
-                        arena.unsplit(body);
-                        break;
-                    }
-                }
-            }
+            tx.build(&mut state, Instant::now());
             state.is_finished()
         };
-        for (mut frame, encrypted_len) in built.drain(..) {
-            let mut body = frame.split_off(FRAME_OVERHEAD);
-            if let Err(e) = sealer.seal(&mut frame, &mut body, encrypted_len) {
-                shared.state.lock().transport_failed(e);
-                return;
-            }
-            frame.unsplit(body);
-            frames.push(frame.freeze());
+        if let Err(e) = tx.seal() {
+            shared.state.lock().transport_failed(e);
+            return;
         }
-        if !frames.is_empty() {
-            let result = write_with_health(&shared, writer.as_mut(), &frames).await;
-            // Frames sent from chunks' own buffers go back for reuse.
-            let mut reusable = Vec::new();
-            for frame in frames.drain(..) {
-                if frame.len() >= 8 * 1024
-                    && let Ok(buf) = frame.try_into_mut()
-                {
-                    reusable.push(buf);
-                }
-            }
-            if !reusable.is_empty() {
-                let mut state = shared.state.lock();
-                for buf in reusable {
-                    state.recycle(buf);
-                }
-            }
+        if tx.has_unwritten() {
+            let result = write_with_health(&shared, tx.writer.as_mut(), &tx.sealed).await;
+            let written = tx.sealed.len();
+            tx.recycle_written(&shared, written);
             if let Err(e) = result {
                 shared
                     .state
@@ -538,8 +497,165 @@ async fn write_loop(
             }
         }
         if finished {
-            let _ = writer.close().await;
+            let _ = tx.writer.close().await;
             return;
+        }
+        *shared.transmitter.lock() = Some(tx);
+    }
+}
+
+/// The transport's write half with the connection's sealer, and the
+/// buffers frames are built in.
+struct Transmitter {
+    writer: Box<dyn FrameWriter>,
+    sealer: FrameSealer,
+    /// Where small frames are built, several per allocation.
+    arena: BytesMut,
+    /// Frames built, not yet sealed, with their encrypted lengths.
+    built: Vec<(BytesMut, usize)>,
+    /// Sealed frames not yet taken by the transport, in order.
+    sealed: Vec<Bytes>,
+}
+
+impl Transmitter {
+    fn new(writer: Box<dyn FrameWriter>, sealer: FrameSealer) -> Transmitter {
+        Transmitter {
+            writer,
+            sealer,
+            arena: BytesMut::new(),
+            built: Vec::with_capacity(BATCH_FRAMES),
+            sealed: Vec::with_capacity(BATCH_FRAMES),
+        }
+    }
+
+    /// Whether sealed frames wait for the transport.
+    fn has_unwritten(&self) -> bool {
+        !self.sealed.is_empty()
+    }
+
+    /// Builds a batch of frames from what `state` has to send.
+    fn build(&mut self, state: &mut ConnState, now: Instant) {
+        let frame_cap = FRAME_OVERHEAD + state.max_message() * 3;
+        let mut bytes = 0;
+        let batch_bytes = if state.is_contended(now) {
+            CONTENDED_BATCH_BYTES
+        } else {
+            BATCH_BYTES
+        };
+        let arena = &mut self.arena;
+        while self.built.len() < BATCH_FRAMES && bytes < batch_bytes {
+            arena.reserve(frame_cap.max(64 * 1024));
+            arena.put_bytes(0, FRAME_OVERHEAD);
+            let mut body = arena.split_off(FRAME_OVERHEAD);
+            match state.build_frame(now, &mut body) {
+                Some(BuiltFrame {
+                    encrypted_len,
+                    own_buffer: Some(own),
+                }) => {
+                    // A whole chunk, sent from its own buffer.
+                    arena.clear();
+                    arena.unsplit(body);
+                    bytes += own.len();
+                    self.built.push((own, encrypted_len));
+                }
+                Some(frame) => {
+                    bytes += body.len();
+                    arena.unsplit(body);
+                    self.built.push((arena.split(), frame.encrypted_len));
+                }
+                None => {
+                    arena.clear();
+                    arena.unsplit(body);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Seals the frames built, in order, after those already sealed.
+    fn seal(&mut self) -> Result<()> {
+        for (mut frame, encrypted_len) in self.built.drain(..) {
+            let mut body = frame.split_off(FRAME_OVERHEAD);
+            self.sealer.seal(&mut frame, &mut body, encrypted_len)?;
+            frame.unsplit(body);
+            self.sealed.push(frame.freeze());
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` sealed frames, the transport having taken them;
+    /// large frames sent from their own buffers go back for reuse.
+    fn recycle_written(&mut self, shared: &Shared, n: usize) {
+        let mut reusable = Vec::new();
+        for frame in self.sealed.drain(..n) {
+            if frame.len() >= 8 * 1024
+                && let Ok(buf) = frame.try_into_mut()
+            {
+                reusable.push(buf);
+            }
+        }
+        if !reusable.is_empty() {
+            let mut state = shared.state.lock();
+            for buf in reusable {
+                state.recycle(buf);
+            }
+        }
+    }
+}
+
+/// The transmitter, taken by an application task about to change the
+/// state machine, with the writer task's wakes held back meanwhile.
+pub(crate) struct HeldTransmitter {
+    tx: Box<Transmitter>,
+    /// The writer's deadline before: if it moves, the writer must re-arm.
+    deadline: Option<Instant>,
+}
+
+impl Shared {
+    /// Takes the transmitter, when this connection's transport can take
+    /// frames without waiting and no one else is sending; until
+    /// [`Shared::send_held`], changes to the state do not wake the writer.
+    pub(crate) fn hold_transmitter(&self) -> Option<HeldTransmitter> {
+        if !self.sends_inline {
+            return None;
+        }
+        let tx = self.transmitter.lock().take()?;
+        let mut state = self.state.lock();
+        state.hold_writer_wakes(true);
+        Some(HeldTransmitter {
+            deadline: state.poll_timeout(),
+            tx,
+        })
+    }
+
+    /// Sends what the state machine has to send through the held
+    /// transmitter, as far as the transport takes it without waiting; then
+    /// gives the transmitter back and wakes the writer task if anything is
+    /// left for it.
+    pub(crate) fn send_held(&self, held: HeldTransmitter) {
+        let HeldTransmitter { mut tx, deadline } = held;
+        {
+            let mut state = self.state.lock();
+            state.hold_writer_wakes(false);
+            tx.build(&mut state, Instant::now());
+        }
+        let result = tx.seal().and_then(|()| {
+            let taken = tx.writer.try_write_frames(&tx.sealed)?;
+            tx.recycle_written(self, taken);
+            Ok(())
+        });
+        let unwritten = tx.has_unwritten();
+        *self.transmitter.lock() = Some(tx);
+        let mut state = self.state.lock();
+        if let Err(e) = result {
+            state.transport_failed(e.context(format!("writing to {}", self.remote_addr)));
+        }
+        if unwritten
+            || state.wants_to_send()
+            || state.is_finished()
+            || state.poll_timeout() != deadline
+        {
+            state.wake_writer();
         }
     }
 }

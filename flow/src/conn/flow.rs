@@ -290,6 +290,18 @@ impl FlowWriter {
         if let Err(e) = self.timer.check(&self.inner, cx) {
             return Poll::Ready(Err(e));
         }
+        // Where the transport takes frames without waiting, this task sends
+        // what it queues itself, sparing a hand-off to the writer task.
+        let Some(held) = self.inner.conn.shared.hold_transmitter() else {
+            return self.poll_queue_bufs(cx, bufs);
+        };
+        let result = self.poll_queue_bufs(cx, bufs);
+        self.inner.conn.shared.send_held(held);
+        result
+    }
+
+    /// Queues what credit allows of `bufs` on the flow.
+    fn poll_queue_bufs(&mut self, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
         let inner = &self.inner;
         let total = bufs.iter().map(|b| b.len()).sum();
         let (n, buffer) = {
@@ -334,6 +346,33 @@ impl FlowWriter {
             advance(&mut parts, n);
         }
         Ok(())
+    }
+
+    /// Writes `msg` whole if the flow can take it right now, without
+    /// waiting; `Ok(false)`, with nothing written, if it cannot. Only for
+    /// flows that keep messages whole (see [`Flow::disable_fragmentation`]);
+    /// on others it fails with [`ErrorKind::BadState`].
+    pub fn try_write_msg(&mut self, msg: &[u8]) -> Result<bool> {
+        let whole = {
+            let inner = &self.inner;
+            inner
+                .conn
+                .shared
+                .state
+                .lock()
+                .keeps_messages_whole(inner.id)
+        };
+        if !whole {
+            return Err(Error::bad_state(
+                "try_write_msg needs a flow that keeps messages whole",
+            ));
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_write_bufs(&mut cx, &[msg]) {
+            Poll::Ready(Ok(_)) => Ok(true),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(false),
+        }
     }
 
     /// See [`Flow::write_msg_and_close`].

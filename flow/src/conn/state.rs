@@ -287,7 +287,7 @@ pub struct ConnState {
     /// Allocations of sent chunks, for the next writes.
     spare_buffers: Vec<BytesMut>,
     health_response_due: bool,
-    writer_waker: Option<Waker>,
+    writer_waker: WriterWaker,
     local_blessings: Vec<(Blessings, u64)>,
     local_discharges: Vec<(Discharges, u64)>,
     remote_blessings: HashMap<u64, Blessings>,
@@ -315,6 +315,21 @@ pub struct ConnState {
 
 fn violation(message: impl Into<String>) -> Error {
     Error::bad_arg(format!("protocol violation: {}", message.into()))
+}
+
+/// The writer task's waker, and whether wakes are held back.
+#[derive(Debug, Default)]
+struct WriterWaker {
+    waker: Option<Waker>,
+    held: bool,
+}
+
+impl WriterWaker {
+    fn wake(&mut self) {
+        if !self.held {
+            wake_opt(&mut self.waker);
+        }
+    }
 }
 
 fn wake_opt(waker: &mut Option<Waker>) {
@@ -359,7 +374,7 @@ impl ConnState {
             control: VecDeque::new(),
             spare_buffers: Vec::new(),
             health_response_due: false,
-            writer_waker: None,
+            writer_waker: WriterWaker::default(),
             local_blessings: vec![(est.local_blessings, CONN_BLESSINGS_KEY)],
             local_discharges: vec![(est.local_discharges, CONN_BLESSINGS_KEY)],
             remote_blessings,
@@ -521,11 +536,24 @@ impl ConnState {
     pub fn register_writer(&mut self, waker: &Waker) {
         if !self
             .writer_waker
+            .waker
             .as_ref()
             .is_some_and(|w| w.will_wake(waker))
         {
-            self.writer_waker = Some(waker.clone());
+            self.writer_waker.waker = Some(waker.clone());
         }
+    }
+
+    /// While `held`, the writer task is not woken: someone else is building
+    /// and sending frames, and decides afterwards whether the writer has
+    /// anything left to do ([`ConnState::wake_writer`]).
+    pub(crate) fn hold_writer_wakes(&mut self, held: bool) {
+        self.writer_waker.held = held;
+    }
+
+    /// Wakes the writer task (unless its wakes are held).
+    pub(crate) fn wake_writer(&mut self) {
+        self.writer_waker.wake();
     }
 
     /// Whether [`ConnState::build_frame`] has something to send.
@@ -550,7 +578,7 @@ impl ConnState {
         for msg in msgs.into_iter().rev() {
             self.control.push_front(msg);
         }
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
     }
 
     // ----- Lifecycle ------------------------------------------------------
@@ -582,7 +610,7 @@ impl ConnState {
             w.wake();
         }
         self.wake_conn();
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
     }
 
     /// Closes the connection from this side, telling the peer `reason`.
@@ -611,7 +639,7 @@ impl ConnState {
         }
         self.local_lame_duck = true;
         self.control.push_back(Message::EnterLameDuck);
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
     }
 
     // ----- Time -----------------------------------------------------------
@@ -646,7 +674,7 @@ impl ConnState {
         } else if silent >= timeout / 2 && self.health_sent_at.is_none() {
             self.health_sent_at = Some(now);
             self.control.push_back(Message::HealthCheckRequest);
-            wake_opt(&mut self.writer_waker);
+            self.writer_waker.wake();
         }
     }
 
@@ -718,7 +746,7 @@ impl ConnState {
             Message::Release(release) => self.on_release(release),
             Message::HealthCheckRequest => {
                 self.health_response_due = true;
-                wake_opt(&mut self.writer_waker);
+                self.writer_waker.wake();
                 Ok(())
             }
             Message::HealthCheckResponse => {
@@ -727,7 +755,7 @@ impl ConnState {
                     self.last_rtt_sample = now;
                     // The next check is due earlier than the deadline the
                     // writer sleeps towards.
-                    wake_opt(&mut self.writer_waker);
+                    self.writer_waker.wake();
                 }
                 Ok(())
             }
@@ -743,7 +771,7 @@ impl ConnState {
                 if !self.peer_lame_duck {
                     self.peer_lame_duck = true;
                     self.lame_duck_ack_due = true;
-                    wake_opt(&mut self.writer_waker);
+                    self.writer_waker.wake();
                     self.wake_conn();
                 }
                 Ok(())
@@ -906,7 +934,7 @@ impl ConnState {
         if let Some(w) = self.accept_waker.take() {
             w.wake();
         }
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
         Ok(())
     }
 
@@ -956,7 +984,7 @@ impl ConnState {
             w.wake();
         }
         if !self.release_queue.is_empty() {
-            wake_opt(&mut self.writer_waker);
+            self.writer_waker.wake();
         }
         self.maybe_reap(id);
         Ok(())
@@ -1331,7 +1359,7 @@ impl ConnState {
                 // borrowed shared tokens.
                 if self.lifecycle == Lifecycle::Open {
                     queue_release(&mut self.release_queue, id, entry, grant);
-                    wake_opt(&mut self.writer_waker);
+                    self.writer_waker.wake();
                 }
                 return Poll::Ready(Ok(id));
             }
@@ -1419,6 +1447,12 @@ impl ConnState {
         (blessings, discharges)
     }
 
+    /// Whether flow `id` keeps each write whole (fragmentation disabled).
+    pub fn keeps_messages_whole(&self, id: FlowId) -> bool {
+        let id = self.resolve(id);
+        self.flows.get(&id).is_some_and(|e| e.whole_messages)
+    }
+
     /// Whether flow `id` is a side channel.
     pub fn is_side_channel(&self, id: FlowId) -> bool {
         let id = self.resolve(id);
@@ -1466,7 +1500,7 @@ impl ConnState {
                 )
             {
                 queue_release(&mut self.release_queue, id, entry, release);
-                wake_opt(&mut self.writer_waker);
+                self.writer_waker.wake();
             }
             return Poll::Ready(Ok(Some(chunk)));
         }
@@ -1513,7 +1547,7 @@ impl ConnState {
         }
         if total == 0 {
             schedule(&mut self.ready, id, entry);
-            wake_opt(&mut self.writer_waker);
+            self.writer_waker.wake();
             return Poll::Ready(Ok(0));
         }
         if entry.whole_messages && total > max_message {
@@ -1544,7 +1578,7 @@ impl ConnState {
         if n == 0 {
             // Send the OpenFlow (empty if need be) to earn the flow's credit.
             schedule(&mut self.ready, id, entry);
-            wake_opt(&mut self.writer_waker);
+            self.writer_waker.wake();
             entry.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
@@ -1606,7 +1640,7 @@ impl ConnState {
         entry.queued += chunk.len() as u64;
         entry.send_queue.push_back(chunk);
         schedule(&mut self.ready, id, entry);
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
     }
 
     /// Queues bytes of `bufs` on flow `id`, as many as credit allows right
@@ -1656,7 +1690,7 @@ impl ConnState {
             return Poll::Ready(Err(err));
         }
         schedule(&mut self.ready, id, entry);
-        wake_opt(&mut self.writer_waker);
+        self.writer_waker.wake();
         entry.write_waker = Some(cx.waker().clone());
         Poll::Pending
     }
@@ -1677,7 +1711,7 @@ impl ConnState {
             }
             entry.send_state = SendState::Closing;
             schedule(&mut self.ready, id, entry);
-            wake_opt(&mut self.writer_waker);
+            self.writer_waker.wake();
         }
     }
 
@@ -1695,7 +1729,7 @@ impl ConnState {
             let release = entry.window.discard();
             if release > 0 && self.lifecycle == Lifecycle::Open {
                 queue_release(&mut self.release_queue, id, entry, release);
-                wake_opt(&mut self.writer_waker);
+                self.writer_waker.wake();
             }
             entry.wake_all();
         }

@@ -12,28 +12,44 @@ pub(crate) struct PipeEnd {
     tx: mpsc::Sender<Bytes>,
     rx: mpsc::Receiver<Bytes>,
     name: &'static str,
+    writes_without_waiting: bool,
 }
 
 /// Two connected ends.
 pub(crate) fn pipe() -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
-    let (a_tx, a_rx) = mpsc::channel(64);
-    let (b_tx, b_rx) = mpsc::channel(64);
+    pipe_with(64, false)
+}
+
+/// Two connected ends, each direction holding at most `capacity` frames;
+/// with `writes_without_waiting`, their writers take frames without
+/// waiting while there is room.
+pub(crate) fn pipe_with(
+    capacity: usize,
+    writes_without_waiting: bool,
+) -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
+    let (a_tx, a_rx) = mpsc::channel(capacity);
+    let (b_tx, b_rx) = mpsc::channel(capacity);
     (
         Box::new(PipeEnd {
             tx: a_tx,
             rx: b_rx,
             name: "a",
+            writes_without_waiting,
         }),
         Box::new(PipeEnd {
             tx: b_tx,
             rx: a_rx,
             name: "b",
+            writes_without_waiting,
         }),
     )
 }
 
 struct PipeReader(mpsc::Receiver<Bytes>);
-struct PipeWriter(Option<mpsc::Sender<Bytes>>);
+struct PipeWriter {
+    tx: Option<mpsc::Sender<Bytes>>,
+    writes_without_waiting: bool,
+}
 
 impl FrameReader for PipeReader {
     fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>> {
@@ -44,7 +60,7 @@ impl FrameReader for PipeReader {
 impl FrameWriter for PipeWriter {
     fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let Some(tx) = &self.0 else {
+            let Some(tx) = &self.tx else {
                 return Err(Error::network("pipe closed"));
             };
             for f in frames {
@@ -56,8 +72,28 @@ impl FrameWriter for PipeWriter {
         })
     }
 
+    fn writes_without_waiting(&self) -> bool {
+        self.writes_without_waiting
+    }
+
+    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+        let Some(tx) = &self.tx else {
+            return Err(Error::network("pipe closed"));
+        };
+        for (taken, f) in frames.iter().enumerate() {
+            match tx.try_send(f.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => return Ok(taken),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(Error::network("pipe closed"));
+                }
+            }
+        }
+        Ok(frames.len())
+    }
+
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
-        self.0 = None;
+        self.tx = None;
         Box::pin(async { Ok(()) })
     }
 }
@@ -66,7 +102,10 @@ impl FramedConn for PipeEnd {
     fn split(self: Box<Self>) -> (Box<dyn FrameReader>, Box<dyn FrameWriter>) {
         (
             Box::new(PipeReader(self.rx)),
-            Box::new(PipeWriter(Some(self.tx))),
+            Box::new(PipeWriter {
+                tx: Some(self.tx),
+                writes_without_waiting: self.writes_without_waiting,
+            }),
         )
     }
     fn local_addr(&self) -> String {
