@@ -612,6 +612,13 @@ pub(crate) struct HeldTransmitter {
 }
 
 impl Shared {
+    /// Frames sealed but not yet taken by the transport, when no one holds
+    /// the transmitter.
+    #[cfg(test)]
+    pub(crate) fn sealed_ahead(&self) -> Option<usize> {
+        self.transmitter.lock().as_ref().map(|tx| tx.sealed.len())
+    }
+
     /// Takes the transmitter, when this connection's transport can take
     /// frames without waiting and no one else is sending; until
     /// [`Shared::send_held`], changes to the state do not wake the writer.
@@ -619,7 +626,16 @@ impl Shared {
         if !self.sends_inline {
             return None;
         }
-        let tx = self.transmitter.lock().take()?;
+        let tx = {
+            let mut slot = self.transmitter.lock();
+            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
+                // The transport is full: leave the frames to the writer
+                // task, which waits for room before building more, so no
+                // more than a batch is ever sealed ahead of the transport.
+                return None;
+            }
+            slot.take()?
+        };
         let mut state = self.state.lock();
         state.hold_writer_wakes(true);
         Some(HeldTransmitter {

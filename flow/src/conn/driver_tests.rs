@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::test_pipe::{pipe, pipe_with};
+use super::test_pipe::{pipe, pipe_with, refusable_pipe};
 use super::*;
 use crate::auth::{AllowEveryone, AuthorizedPeer, PatternAuthorizer, PeerAuthorizer, PeerInfo};
 use crate::naming::{Endpoint, RoutingId};
@@ -475,5 +475,44 @@ async fn concurrent_writers_share_the_transmitter_and_every_flow_arrives_in_orde
             .await
             .expect("finishes")
             .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn writers_seal_no_more_than_a_batch_ahead_of_a_full_transport() {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let bob = Principal::with_self_blessing("bob").unwrap();
+    let (a, b, refusing) = refusable_pipe(64, true);
+    let remote = Endpoint::new("test", "acceptor");
+    let (dialer, acceptor) = tokio::join!(
+        Conn::dial(a, params(&alice, Arc::new(AllowEveryone)), remote),
+        Conn::accept(b, params(&bob, Arc::new(AllowEveryone)))
+    );
+    let (dialer, acceptor) = (dialer.unwrap(), acceptor.unwrap());
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"open"]).await.unwrap();
+    let mut accepted = within(acceptor.accept_flow()).await.unwrap();
+    accepted.read_msg().await.unwrap();
+    // The transport now takes nothing without waiting. This task never
+    // yields, so the writer task cannot drain what the writes leave.
+    refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let message = [7u8; 1000];
+    for _ in 0..100 {
+        flow.write_msg(&[&message]).await.unwrap();
+    }
+    let ahead = dialer
+        .shared
+        .sealed_ahead()
+        .expect("the writer task has not run");
+    assert!(ahead >= 1, "the first write sealed its frame");
+    assert!(
+        ahead <= 16,
+        "{ahead} frames sealed ahead of a full transport"
+    );
+    // Once the writer runs, everything arrives.
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut got = 0;
+    while got < 100 * message.len() {
+        got += within(accepted.read_msg()).await.unwrap().unwrap().len();
     }
 }

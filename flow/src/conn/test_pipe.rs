@@ -1,6 +1,9 @@
 //! An in-memory framed pipe for the driver's unit tests (the real
 //! transports live in `flow-protocols`, which depends on this crate).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -13,6 +16,8 @@ pub(crate) struct PipeEnd {
     rx: mpsc::Receiver<Bytes>,
     name: &'static str,
     writes_without_waiting: bool,
+    /// While set, `try_write_frames` takes nothing (as if full).
+    refusing: Arc<AtomicBool>,
 }
 
 /// Two connected ends.
@@ -27,21 +32,35 @@ pub(crate) fn pipe_with(
     capacity: usize,
     writes_without_waiting: bool,
 ) -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
+    let (a, b, _) = refusable_pipe(capacity, writes_without_waiting);
+    (a, b)
+}
+
+/// Like [`pipe_with`], plus a switch that makes both ends' non-blocking
+/// writes take nothing while it is on.
+pub(crate) fn refusable_pipe(
+    capacity: usize,
+    writes_without_waiting: bool,
+) -> (Box<dyn FramedConn>, Box<dyn FramedConn>, Arc<AtomicBool>) {
     let (a_tx, a_rx) = mpsc::channel(capacity);
     let (b_tx, b_rx) = mpsc::channel(capacity);
+    let refusing = Arc::new(AtomicBool::new(false));
     (
         Box::new(PipeEnd {
             tx: a_tx,
             rx: b_rx,
             name: "a",
             writes_without_waiting,
+            refusing: refusing.clone(),
         }),
         Box::new(PipeEnd {
             tx: b_tx,
             rx: a_rx,
             name: "b",
             writes_without_waiting,
+            refusing: refusing.clone(),
         }),
+        refusing,
     )
 }
 
@@ -49,6 +68,7 @@ struct PipeReader(mpsc::Receiver<Bytes>);
 struct PipeWriter {
     tx: Option<mpsc::Sender<Bytes>>,
     writes_without_waiting: bool,
+    refusing: Arc<AtomicBool>,
 }
 
 impl FrameReader for PipeReader {
@@ -80,6 +100,9 @@ impl FrameWriter for PipeWriter {
         let Some(tx) = &self.tx else {
             return Err(Error::network("pipe closed"));
         };
+        if self.refusing.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
         for (taken, f) in frames.iter().enumerate() {
             match tx.try_send(f.clone()) {
                 Ok(()) => {}
@@ -105,6 +128,7 @@ impl FramedConn for PipeEnd {
             Box::new(PipeWriter {
                 tx: Some(self.tx),
                 writes_without_waiting: self.writes_without_waiting,
+                refusing: self.refusing,
             }),
         )
     }
