@@ -7,7 +7,9 @@
 //! a single vectored write, continuing after partial writes.
 
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use flow::transport::{FrameReader, FrameWriter, FramedConn};
@@ -115,6 +117,9 @@ pub(crate) struct StreamWriter<W> {
     io: W,
     label: Arc<str>,
     prefixes: Vec<[u8; PREFIX_LEN]>,
+    /// The rest of a frame a non-blocking write took only in part: it goes
+    /// out before anything else.
+    tail: BytesMut,
 }
 
 impl<W: AsyncWrite + Unpin> StreamWriter<W> {
@@ -124,11 +129,19 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
             io,
             label,
             prefixes: Vec::new(),
+            tail: BytesMut::new(),
         }
     }
 
     async fn write_all_frames(&mut self, frames: &[Bytes]) -> Result<()> {
         check_frame_sizes(&self.label, frames)?;
+        if !self.tail.is_empty() {
+            let tail = std::mem::take(&mut self.tail);
+            self.io
+                .write_all(&tail)
+                .await
+                .map_err(|e| io_error(&self.label, "writing", e))?;
+        }
         if frames.is_empty() {
             return Ok(());
         }
@@ -136,6 +149,7 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
             io,
             label,
             prefixes,
+            ..
         } = self;
         prefixes.clear();
         // Lengths fit: every frame is at most MAX_FRAME_SIZE <= u32::MAX.
@@ -163,6 +177,81 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
         io.flush().await.map_err(|e| io_error(label, "flushing", e))
     }
 
+    /// Writes what the stream takes now of `frames` (after any tail),
+    /// without waiting; returns how many frames it took. A frame taken in
+    /// part counts as taken: its rest waits in `tail`.
+    fn try_write_now(&mut self, frames: &[Bytes]) -> Result<usize> {
+        check_frame_sizes(&self.label, frames)?;
+        let mut cx = Context::from_waker(Waker::noop());
+        while !self.tail.is_empty() {
+            match Pin::new(&mut self.io).poll_write(&mut cx, &self.tail) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(Error::network(format!(
+                        "{}: connection took no more bytes",
+                        self.label
+                    )));
+                }
+                Poll::Ready(Ok(n)) => self.tail.advance(n),
+                Poll::Ready(Err(e)) => return Err(io_error(&self.label, "writing", e)),
+                Poll::Pending => return Ok(0),
+            }
+        }
+        if frames.is_empty() {
+            return Ok(0);
+        }
+        let prefixes: Vec<[u8; PREFIX_LEN]> = frames
+            .iter()
+            .map(|f| (f.len() as u32).to_be_bytes())
+            .collect();
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        for (prefix, frame) in prefixes.iter().zip(frames) {
+            slices.push(IoSlice::new(prefix));
+            if !frame.is_empty() {
+                slices.push(IoSlice::new(frame));
+            }
+        }
+        let total: usize = frames.iter().map(|f| PREFIX_LEN + f.len()).sum();
+        let mut written = 0;
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            match Pin::new(&mut self.io).poll_write_vectored(&mut cx, rest) {
+                Poll::Ready(Ok(0)) => {
+                    return Err(Error::network(format!(
+                        "{}: connection took no more bytes",
+                        self.label
+                    )));
+                }
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Poll::Ready(Err(e)) => return Err(io_error(&self.label, "writing", e)),
+                Poll::Pending => break,
+            }
+        }
+        if written == total {
+            return Ok(frames.len());
+        }
+        // Whole frames written, then perhaps one begun: keep its rest.
+        let mut at = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            let end = at + PREFIX_LEN + frame.len();
+            if written < end {
+                if written > at {
+                    let done = written - at;
+                    let mut whole = BytesMut::with_capacity(PREFIX_LEN + frame.len());
+                    whole.extend_from_slice(&prefixes[i]);
+                    whole.extend_from_slice(frame);
+                    self.tail = whole.split_off(done);
+                    return Ok(i + 1);
+                }
+                return Ok(i);
+            }
+            at = end;
+        }
+        Ok(frames.len())
+    }
+
     async fn shutdown(&mut self) -> Result<()> {
         match self.io.shutdown().await {
             Ok(()) => Ok(()),
@@ -176,6 +265,14 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
     fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.write_all_frames(frames))
+    }
+
+    fn writes_without_waiting(&self) -> bool {
+        true
+    }
+
+    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+        self.try_write_now(frames)
     }
 
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
@@ -247,8 +344,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     /// A writer that takes at most `step` bytes per call, to exercise
     /// partial vectored writes.
@@ -319,6 +414,81 @@ mod tests {
             for frame in &frames {
                 let got = reader.next_frame().await.expect("read").expect("frame");
                 assert_eq!(&got[..], &frame[..], "step {step}");
+            }
+            assert!(reader.next_frame().await.expect("eof").is_none());
+        }
+    }
+
+    /// Takes at most `room` bytes, then answers `Pending` until `room` is
+    /// raised.
+    struct Choke {
+        out: Vec<u8>,
+        room: usize,
+    }
+
+    impl AsyncWrite for Choke {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.room -= n;
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_without_waiting_take_whole_frames_and_finish_a_begun_one_first() {
+        let frames: Vec<Bytes> = (0..40usize)
+            .map(|i| Bytes::from(vec![i as u8; (i * 53) % 500]))
+            .collect();
+        for room in [0, 1, 3, 4, 5, 100, 517, 4000, 1 << 20] {
+            let mut writer = StreamWriter::new(
+                Choke {
+                    out: Vec::new(),
+                    room,
+                },
+                "test".into(),
+            );
+            // Half the frames without waiting, as far as the room goes.
+            let taken = writer.try_write_now(&frames[..20]).expect("try");
+            let wire_taken: usize = frames[..taken].iter().map(|f| PREFIX_LEN + f.len()).sum();
+            assert!(writer.io.out.len() <= wire_taken, "room {room}");
+            if taken > 0 {
+                let before: usize = frames[..taken - 1]
+                    .iter()
+                    .map(|f| PREFIX_LEN + f.len())
+                    .sum();
+                assert!(writer.io.out.len() > before, "room {room}: took too many");
+            }
+            // A second try with no room takes nothing.
+            if writer.io.room == 0 {
+                assert_eq!(writer.try_write_now(&frames[taken..20]).expect("try"), 0);
+            }
+            // The writer task then sends the rest, after the begun frame.
+            writer.io.room = usize::MAX;
+            writer
+                .write_all_frames(&frames[taken..])
+                .await
+                .expect("write");
+            let wire = std::mem::take(&mut writer.io.out);
+            let mut reader = StreamReader::new(&wire[..], "test".into());
+            for frame in &frames {
+                let got = reader.next_frame().await.expect("read").expect("frame");
+                assert_eq!(&got[..], &frame[..], "room {room}");
             }
             assert!(reader.next_frame().await.expect("eof").is_none());
         }
