@@ -407,11 +407,11 @@ async fn open(system: System, creds: &Credentials, p: &Params) -> Result<Outcome
     let warm_up = (p.open_count / 10).clamp(10, 1000);
     let mut one = [0u8; 1];
     let mut start = Instant::now();
-    let mut parks0 = worker_parks();
+    let mut parks_before = worker_parks();
     for i in 0..warm_up + p.open_count {
         if i == warm_up {
             start = Instant::now();
-            parks0 = worker_parks();
+            parks_before = worker_parks();
         }
         let mut stream = s.client.open().await?;
         stream.write_all(&[TAG_ECHO, b'x']).await?;
@@ -419,7 +419,7 @@ async fn open(system: System, creds: &Credentials, p: &Params) -> Result<Outcome
         stream.shutdown().await?;
     }
     let elapsed = start.elapsed();
-    let parks = worker_parks() - parks0;
+    let parks = worker_parks() - parks_before;
     s.client.close();
     let mut outcome = Outcome::default()
         .figure("per_s", p.open_count as f64 / elapsed.as_secs_f64())
