@@ -112,6 +112,25 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
     }
 }
 
+/// Each frame's length prefix (kept in `prefixes`) then the frame, as the
+/// slices of one vectored write.
+fn wire_slices<'a>(
+    prefixes: &'a mut Vec<[u8; PREFIX_LEN]>,
+    frames: &'a [Bytes],
+) -> Vec<IoSlice<'a>> {
+    prefixes.clear();
+    // Lengths fit: every frame is at most MAX_FRAME_SIZE <= u32::MAX.
+    prefixes.extend(frames.iter().map(|f| (f.len() as u32).to_be_bytes()));
+    let mut slices = Vec::with_capacity(frames.len() * 2);
+    for (prefix, frame) in prefixes.iter().zip(frames) {
+        slices.push(IoSlice::new(prefix));
+        if !frame.is_empty() {
+            slices.push(IoSlice::new(frame));
+        }
+    }
+    slices
+}
+
 /// The write half of a length-prefixed stream.
 pub(crate) struct StreamWriter<W> {
     io: W,
@@ -151,16 +170,7 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
             prefixes,
             ..
         } = self;
-        prefixes.clear();
-        // Lengths fit: every frame is at most MAX_FRAME_SIZE <= u32::MAX.
-        prefixes.extend(frames.iter().map(|f| (f.len() as u32).to_be_bytes()));
-        let mut slices = Vec::with_capacity(frames.len() * 2);
-        for (prefix, frame) in prefixes.iter().zip(frames) {
-            slices.push(IoSlice::new(prefix));
-            if !frame.is_empty() {
-                slices.push(IoSlice::new(frame));
-            }
-        }
+        let mut slices = wire_slices(prefixes, frames);
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
             let n = io
@@ -199,17 +209,8 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
         if frames.is_empty() {
             return Ok(0);
         }
-        let prefixes: Vec<[u8; PREFIX_LEN]> = frames
-            .iter()
-            .map(|f| (f.len() as u32).to_be_bytes())
-            .collect();
-        let mut slices = Vec::with_capacity(frames.len() * 2);
-        for (prefix, frame) in prefixes.iter().zip(frames) {
-            slices.push(IoSlice::new(prefix));
-            if !frame.is_empty() {
-                slices.push(IoSlice::new(frame));
-            }
-        }
+        let mut prefixes = Vec::new();
+        let mut slices = wire_slices(&mut prefixes, frames);
         let total: usize = frames.iter().map(|f| PREFIX_LEN + f.len()).sum();
         let mut written = 0;
         let mut rest: &mut [IoSlice<'_>] = &mut slices;

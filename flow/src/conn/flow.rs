@@ -353,15 +353,13 @@ impl FlowWriter {
     /// flows that keep messages whole (see [`Flow::disable_fragmentation`]);
     /// on others it fails with [`ErrorKind::BadState`].
     pub fn try_write_msg(&mut self, msg: &[u8]) -> Result<bool> {
-        let whole = {
-            let inner = &self.inner;
-            inner
-                .conn
-                .shared
-                .state
-                .lock()
-                .keeps_messages_whole(inner.id)
-        };
+        let inner = &self.inner;
+        let whole = inner
+            .conn
+            .shared
+            .state
+            .lock()
+            .keeps_messages_whole(inner.id);
         if !whole {
             return Err(Error::bad_state(
                 "try_write_msg needs a flow that keeps messages whole",
