@@ -8,6 +8,20 @@
 //! ([`Manager::close`]). [`Manager::status`] tells what it listens on and
 //! what failed.
 
+// Peer input must never panic this code: no unwrap, expect or panic
+// outside tests (a peer's bad bytes get a typed error instead).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::unreachable
+    )
+)]
+
 mod accept;
 mod cache;
 mod dial_any;

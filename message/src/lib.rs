@@ -11,6 +11,20 @@
 //! [`codec`] holds the primitives (varints, length-prefixed bytes, a checked
 //! reader) that other wire structures, such as blessings, build on.
 
+// Peer input must never panic this code: no unwrap, expect or panic
+// outside tests (a peer's bad bytes get a typed error instead).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::unreachable
+    )
+)]
+
 pub mod codec;
 mod error;
 mod frame;

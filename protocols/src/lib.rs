@@ -22,6 +22,20 @@
 //!
 //! [`FramedConn::max_frame_size`]: flow::transport::FramedConn::max_frame_size
 
+// Peer input must never panic this code: no unwrap, expect or panic
+// outside tests (a peer's bad bytes get a typed error instead).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::unreachable
+    )
+)]
+
 mod accept;
 mod framing;
 pub mod memory;

@@ -7,6 +7,20 @@
 //! default `info`). SIGTERM or ctrl-c starts a graceful shutdown (a second
 //! one exits at once). Errors are one line on stderr and a non-zero exit.
 
+// Peer input must never panic this code: no unwrap, expect or panic
+// outside tests (a peer's bad bytes get a typed error instead).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::unreachable
+    )
+)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;

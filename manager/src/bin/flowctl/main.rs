@@ -5,6 +5,20 @@
 //! stderr; the exit code is 1 for a failure and 2 when a peer was refused or
 //! did not trust us.
 
+// Peer input must never panic this code: no unwrap, expect or panic
+// outside tests (a peer's bad bytes get a typed error instead).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::unimplemented,
+        clippy::unreachable
+    )
+)]
+
 mod common;
 mod creds;
 mod demo;
