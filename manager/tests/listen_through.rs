@@ -2,11 +2,12 @@
 //! proxied endpoint, re-listening, racing several endpoints — against a
 //! minimal proxy written here (the real one is `flow_manager::proxy`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use flow::ErrorKind;
 use flow::auth::{AllowEveryone, PatternAuthorizer};
 use flow::conn::{Conn, Flow};
@@ -17,19 +18,7 @@ use flow::security::{BlessingPattern, Principal};
 use flow_manager::Manager;
 use parking_lot::Mutex;
 
-async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => panic!("did not finish within {secs} s"),
-        out = fut => out,
-    }
-}
-
-fn encode(msg: &Message) -> BytesMut {
-    let mut buf = BytesMut::new();
-    msg.encode(&mut buf);
-    buf
-}
+use common::{encode, within};
 
 /// A proxy that knows just enough: registers servers by routing id and
 /// relays tunnels to them. `refuse` makes it refuse every server.
@@ -43,18 +32,14 @@ struct MiniProxy {
 
 impl MiniProxy {
     async fn start(refuse: bool) -> MiniProxy {
-        Self::start_at("127.0.0.1:0", refuse).await
+        Self::try_start_at("127.0.0.1:0", refuse).await.unwrap()
     }
 
-    async fn start_at(addr: &str, refuse: bool) -> MiniProxy {
+    /// A proxy listening on `addr`, unless listening there fails.
+    async fn try_start_at(addr: &str, refuse: bool) -> Option<MiniProxy> {
         let manager = Manager::builder(Principal::with_self_blessing("proxy").unwrap()).build();
         manager.set_routes_others(true);
-        let endpoint = manager
-            .listen("tcp", addr)
-            .await
-            .unwrap()
-            .endpoint()
-            .clone();
+        let endpoint = manager.listen("tcp", addr).await.ok()?.endpoint().clone();
         let proxy = MiniProxy {
             manager,
             endpoint,
@@ -68,7 +53,7 @@ impl MiniProxy {
                 tokio::spawn(async move { p.handle(flow, refuse).await });
             }
         });
-        proxy
+        Some(proxy)
     }
 
     async fn handle(&self, mut flow: Flow, refuse: bool) {
@@ -276,8 +261,11 @@ async fn losing_the_proxy_is_recorded_and_the_keeper_listens_again() {
     // the same endpoint, with nothing done by hand.
     let mut back = None;
     for _ in 0..100 {
-        if let Ok(p) =
-            tokio::time::timeout(Duration::from_secs(1), MiniProxy::try_start_at(&addr)).await
+        if let Ok(p) = tokio::time::timeout(
+            Duration::from_secs(1),
+            MiniProxy::try_start_at(&addr, false),
+        )
+        .await
             && let Some(p) = p
         {
             back = Some(p);
@@ -296,28 +284,6 @@ async fn losing_the_proxy_is_recorded_and_the_keeper_listens_again() {
     let (out, _) = echo(&client, std::slice::from_ref(&ep), b"again").await;
     assert_eq!(out, b"again");
     keeper.stop();
-}
-
-impl MiniProxy {
-    async fn try_start_at(addr: &str) -> Option<MiniProxy> {
-        let manager = Manager::builder(Principal::with_self_blessing("proxy").unwrap()).build();
-        manager.set_routes_others(true);
-        let endpoint = manager.listen("tcp", addr).await.ok()?.endpoint().clone();
-        let proxy = MiniProxy {
-            manager,
-            endpoint,
-            servers: Arc::default(),
-            relayed: Arc::default(),
-        };
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok(flow) = p.manager.accept().await {
-                let p = p.clone();
-                tokio::spawn(async move { p.handle(flow, false).await });
-            }
-        });
-        Some(proxy)
-    }
 }
 
 #[tokio::test]

@@ -2,11 +2,12 @@
 //! pinning, idleness, listening state, closing, and file-descriptor
 //! pressure.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use flow::auth::AllowEveryone;
 use flow::conn::FlowOptions;
 use flow::naming::{Endpoint, RoutingId};
 use flow::security::Principal;
@@ -16,21 +17,10 @@ use flow_manager::{Manager, PinOptions};
 use flow_protocols::Registry;
 use futures::future::BoxFuture;
 
-/// Runs `fut`, failing the test if it has not finished within `secs`.
-async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => panic!("did not finish within {secs} s"),
-        out = fut => out,
-    }
-}
+use common::{everyone, within};
 
 fn manager(name: &str) -> Manager {
     Manager::builder(Principal::with_self_blessing(name).unwrap()).build()
-}
-
-fn everyone() -> Arc<AllowEveryone> {
-    Arc::new(AllowEveryone)
 }
 
 async fn listening(name: &str) -> (Manager, Endpoint) {

@@ -3,12 +3,13 @@
 //! (`Manager::proxy_listen`) and clients that dial their proxied endpoints
 //! (`Manager::dial`), plus hand-driven peers where the wire matters.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use flow::auth::{AllowEveryone, PatternAuthorizer};
+use flow::auth::PatternAuthorizer;
 use flow::conn::{Conn, ConnConfig, Flow, FlowOptions, FlowReader, FlowWriter, HandshakeParams};
 use flow::message::codec::Reader;
 use flow::message::{Message, ProxyResponse};
@@ -21,43 +22,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Runs `fut`, failing the test if it has not finished within `secs`.
-async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => panic!("did not finish within {secs} s"),
-        out = fut => out,
-    }
-}
-
-/// Polls `cond` every 10 ms until it holds (the caller bounds the time).
-async fn until(mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A principal blessed by `root` as `root's name:extension`, trusting
-/// `root`.
-fn blessed(root: &Principal, extension: &str) -> Principal {
-    let p = Principal::new();
-    let b = root
-        .bless(
-            p.public_key(),
-            &root.default_blessings(),
-            extension,
-            Vec::new(),
-        )
-        .unwrap();
-    p.blessing_store().set_default(b.clone()).unwrap();
-    p.blessing_store().set(b, BlessingPattern::all()).unwrap();
-    p.add_to_roots(&root.default_blessings()).unwrap();
-    p
-}
-
-fn everyone() -> Arc<AllowEveryone> {
-    Arc::new(AllowEveryone)
-}
+use common::{blessed, encode, everyone, sample, until, within};
 
 /// A proxy named `proxy` on tcp loopback, configured by `tune`.
 async fn start_proxy(tune: impl FnOnce(&mut ProxyConfig)) -> Proxy {
@@ -230,22 +195,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of the sample `series` (name and labels) in Prometheus text.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 // ----- A hand-driven peer, for the wire itself ---------------------------
-
-fn encode(msg: &Message) -> BytesMut {
-    let mut buf = BytesMut::new();
-    msg.encode(&mut buf);
-    buf
-}
 
 /// Opens a control flow to `proxy` over `manager`'s connection and sends
 /// `request`; returns the flow and the proxy's first answer.

@@ -2,6 +2,8 @@
 //! servers and clients, metrics, chains with `--via`, fails with one line,
 //! and shuts down gracefully on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,26 +14,14 @@ use std::time::{Duration, Instant};
 
 use flow::auth::AllowEveryone;
 use flow::naming::Endpoint;
-use flow::security::{BlessingPattern, Principal};
+use flow::security::Principal;
 use flow_manager::Manager;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use common::{blessed, sample, until, within};
+
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => panic!("did not finish within {secs} s"),
-        out = fut => out,
-    }
-}
-
-async fn until(mut cond: impl FnMut() -> bool) {
-    while !cond() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// A running `flowproxyd`, killed on drop if still running.
 struct Daemon {
@@ -163,22 +153,6 @@ fn rand_suffix() -> String {
     flow::naming::RoutingId::random().to_string()
 }
 
-fn blessed(root: &Principal, extension: &str) -> Principal {
-    let p = Principal::new();
-    let b = root
-        .bless(
-            p.public_key(),
-            &root.default_blessings(),
-            extension,
-            Vec::new(),
-        )
-        .unwrap();
-    p.blessing_store().set_default(b.clone()).unwrap();
-    p.blessing_store().set(b, BlessingPattern::all()).unwrap();
-    p.add_to_roots(&root.default_blessings()).unwrap();
-    p
-}
-
 /// A server that listens nowhere and echoes every flow.
 fn echo_server(principal: Principal) -> Manager {
     let m = Manager::builder(principal).build();
@@ -225,14 +199,6 @@ async fn metrics(addr: SocketAddr) -> String {
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
     out
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 fn shorthand(ep: &Endpoint) -> Endpoint {

@@ -2,6 +2,8 @@
 //! managers: a client reaches a server through a relay that only forwards
 //! messages, and runs an end-to-end authenticated connection inside.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +15,7 @@ use flow::security::Principal;
 use flow_manager::{FlowConn, Manager};
 use parking_lot::Mutex;
 
-async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep(Duration::from_secs(secs)) => panic!("did not finish within {secs} s"),
-        out = fut => out,
-    }
-}
+use common::within;
 
 fn params(principal: &Principal, local: Endpoint, max_frame: usize) -> HandshakeParams {
     HandshakeParams {

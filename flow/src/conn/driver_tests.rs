@@ -11,6 +11,7 @@ use super::*;
 use crate::auth::{AllowEveryone, AuthorizedPeer, PatternAuthorizer, PeerAuthorizer, PeerInfo};
 use crate::naming::{Endpoint, RoutingId};
 use crate::security::{BlessingPattern, Blessings, Discharges, Principal};
+use crate::transport::FramedConn;
 use crate::{ErrorKind, Result};
 
 fn params(principal: &Principal, authorizer: Arc<dyn PeerAuthorizer>) -> HandshakeParams {
@@ -27,7 +28,15 @@ async fn connect(
     dialer: HandshakeParams,
     acceptor: HandshakeParams,
 ) -> (Result<Conn>, Result<Conn>) {
-    let (a, b) = pipe();
+    connect_over(pipe(), dialer, acceptor).await
+}
+
+/// Dials over one end of `ends` and accepts over the other.
+async fn connect_over(
+    (a, b): (Box<dyn FramedConn>, Box<dyn FramedConn>),
+    dialer: HandshakeParams,
+    acceptor: HandshakeParams,
+) -> (Result<Conn>, Result<Conn>) {
     let remote = Endpoint::new("test", "acceptor");
     tokio::join!(Conn::dial(a, dialer, remote), Conn::accept(b, acceptor))
 }
@@ -44,9 +53,15 @@ async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
 }
 
 async fn pair() -> (Conn, Conn) {
+    pair_over(pipe()).await
+}
+
+/// alice dialing bob over `ends`, each allowing everyone.
+async fn pair_over(ends: (Box<dyn FramedConn>, Box<dyn FramedConn>)) -> (Conn, Conn) {
     let alice = Principal::with_self_blessing("alice").unwrap();
     let bob = Principal::with_self_blessing("bob").unwrap();
-    let (d, a) = connect(
+    let (d, a) = connect_over(
+        ends,
         params(&alice, Arc::new(AllowEveryone)),
         params(&bob, Arc::new(AllowEveryone)),
     )
@@ -371,15 +386,7 @@ fn a_proxy_can_read_the_requested_endpoint_from_the_hello() {
 /// A connected pair over a pipe of `capacity` frames each way whose
 /// writers take frames without waiting.
 async fn pair_sending_inline(capacity: usize) -> (Conn, Conn) {
-    let alice = Principal::with_self_blessing("alice").unwrap();
-    let bob = Principal::with_self_blessing("bob").unwrap();
-    let (a, b) = pipe_with(capacity, true);
-    let remote = Endpoint::new("test", "acceptor");
-    let (d, a) = tokio::join!(
-        Conn::dial(a, params(&alice, Arc::new(AllowEveryone)), remote),
-        Conn::accept(b, params(&bob, Arc::new(AllowEveryone)))
-    );
-    (d.unwrap(), a.unwrap())
+    pair_over(pipe_with(capacity, true)).await
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -480,15 +487,8 @@ async fn concurrent_writers_share_the_transmitter_and_every_flow_arrives_in_orde
 
 #[tokio::test(flavor = "current_thread")]
 async fn writers_seal_no_more_than_a_batch_ahead_of_a_full_transport() {
-    let alice = Principal::with_self_blessing("alice").unwrap();
-    let bob = Principal::with_self_blessing("bob").unwrap();
     let (a, b, refusing) = refusable_pipe(64, true);
-    let remote = Endpoint::new("test", "acceptor");
-    let (dialer, acceptor) = tokio::join!(
-        Conn::dial(a, params(&alice, Arc::new(AllowEveryone)), remote),
-        Conn::accept(b, params(&bob, Arc::new(AllowEveryone)))
-    );
-    let (dialer, acceptor) = (dialer.unwrap(), acceptor.unwrap());
+    let (dialer, acceptor) = pair_over((a, b)).await;
     let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
     flow.write_msg(&[b"open"]).await.unwrap();
     let mut accepted = within(acceptor.accept_flow()).await.unwrap();

@@ -29,6 +29,11 @@ fn established(role: Role) -> Established {
     }
 }
 
+/// A connection in the acceptor's role, established now, with `config`.
+fn acceptor(config: ConnConfig) -> ConnState {
+    ConnState::new(config, established(Role::Acceptor), Instant::now())
+}
+
 fn cx() -> Context<'static> {
     Context::from_waker(Waker::noop())
 }
@@ -533,11 +538,7 @@ fn assert_violation(conn: &ConnState, result: crate::Result<()>, needle: &str) {
 
 #[test]
 fn data_beyond_credit_closes_the_connection() {
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     // A flow not yet accepted has no credit beyond its first payload.
     inject(&mut conn, &[open_msg(2, b"x")]).unwrap();
     let r = inject(&mut conn, &[data_msg(2, Bytes::from_static(b"y"))]);
@@ -548,7 +549,7 @@ fn data_beyond_credit_closes_the_connection() {
         initial_window: 40_000,
         ..ConnConfig::default()
     };
-    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let mut conn = acceptor(config);
     inject(&mut conn, &[open_msg(2, b"")]).unwrap();
     assert!(conn.poll_accept(&mut cx()).is_ready());
     let piece = Bytes::from(vec![0u8; 10_000]);
@@ -561,11 +562,7 @@ fn data_beyond_credit_closes_the_connection() {
 
 #[test]
 fn frames_over_the_announced_size_close_the_connection() {
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let big = Bytes::from(vec![0u8; 20_000]);
     let r = inject(&mut conn, &[open_msg(2, b""), data_msg(2, big)]);
     assert_violation(&conn, r, "announced");
@@ -577,20 +574,16 @@ fn first_payloads_of_unaccepted_flows_are_bounded_by_the_shared_tokens() {
         shared_tokens: 100,
         ..ConnConfig::default()
     };
-    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let mut conn = acceptor(config);
     inject(&mut conn, &[open_msg(2, &[1; 60])]).unwrap();
     // 60 in use: 40 left until the first flow is accepted.
     let r = inject(&mut conn, &[open_msg(4, &[1; 60])]);
     assert_violation(&conn, r, "shared tokens");
 
-    let mut conn = ConnState::new(
-        ConnConfig {
-            shared_tokens: 100,
-            ..ConnConfig::default()
-        },
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig {
+        shared_tokens: 100,
+        ..ConnConfig::default()
+    });
     inject(&mut conn, &[open_msg(2, &[1; 60])]).unwrap();
     assert!(conn.poll_accept(&mut cx()).is_ready());
     // Accepting returned the tokens.
@@ -599,36 +592,20 @@ fn first_payloads_of_unaccepted_flows_are_bounded_by_the_shared_tokens() {
 
 #[test]
 fn unknown_and_duplicate_flow_ids_close_the_connection() {
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let r = inject(&mut conn, &[data_msg(40, Bytes::from_static(b"x"))]);
     assert_violation(&conn, r, "unknown flow");
 
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     inject(&mut conn, &[open_msg(4, b"")]).unwrap();
     let r = inject(&mut conn, &[open_msg(4, b"")]);
     assert_violation(&conn, r, "opened twice");
 
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let r = inject(&mut conn, &[open_msg(3, b"")]);
     assert_violation(&conn, r, "our ids");
 
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let r = inject(
         &mut conn,
         &[Message::Release(ReleaseMsg {
@@ -647,7 +624,7 @@ fn open_flow_flood_past_the_limit_closes_the_connection() {
         max_pending_accepts: 10,
         ..ConnConfig::default()
     };
-    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let mut conn = acceptor(config);
     for i in 1..=10 {
         inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
     }
@@ -658,7 +635,7 @@ fn open_flow_flood_past_the_limit_closes_the_connection() {
         max_flows: 5,
         ..ConnConfig::default()
     };
-    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let mut conn = acceptor(config);
     for i in 1..=5 {
         inject(&mut conn, &[open_msg(i * 2, b"")]).unwrap();
     }
@@ -668,28 +645,16 @@ fn open_flow_flood_past_the_limit_closes_the_connection() {
 
 #[test]
 fn garbage_and_misplaced_messages_close_the_connection() {
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let r = conn.handle_frame(Instant::now(), Bytes::from_static(&[0x7f, 1, 2]), 3);
     assert_violation(&conn, r, "unknown type");
 
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let r = inject(&mut conn, &[Message::ProxyServerRequest]);
     assert_violation(&conn, r, "unexpected ProxyServerRequest");
 
     // Cleartext tail that is not a passthrough payload.
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     let f = frame(&[open_msg(2, b""), data_msg(2, Bytes::from_static(b"abc"))]);
     let r = conn.handle_frame(Instant::now(), f.clone(), f.len() - 3);
     assert_violation(&conn, r, "unencrypted");
@@ -699,16 +664,12 @@ fn garbage_and_misplaced_messages_close_the_connection() {
         shared_tokens: 2,
         ..ConnConfig::default()
     };
-    let mut conn = ConnState::new(config, established(Role::Acceptor), Instant::now());
+    let mut conn = acceptor(config);
     let r = inject(&mut conn, &[open_msg(2, b"abc")]);
     assert_violation(&conn, r, "shared tokens");
 
     // Data after the flow's CLOSE.
-    let mut conn = ConnState::new(
-        ConnConfig::default(),
-        established(Role::Acceptor),
-        Instant::now(),
-    );
+    let mut conn = acceptor(ConnConfig::default());
     inject(
         &mut conn,
         &[Message::Data(Data {
@@ -725,11 +686,7 @@ fn hostile_input_never_panics_after_setup() {
     // A cheap, always-on cousin of the fuzz target.
     let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..2000 {
-        let mut conn = ConnState::new(
-            ConnConfig::default(),
-            established(Role::Acceptor),
-            Instant::now(),
-        );
+        let mut conn = acceptor(ConnConfig::default());
         for _ in 0..4 {
             let len = (rng_state % 64) as usize;
             let mut bytes = Vec::with_capacity(len);
