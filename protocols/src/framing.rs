@@ -209,44 +209,51 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
         if frames.is_empty() {
             return Ok(0);
         }
-        let mut prefixes = Vec::new();
-        let mut slices = wire_slices(&mut prefixes, frames);
-        let total: usize = frames.iter().map(|f| PREFIX_LEN + f.len()).sum();
+        let StreamWriter {
+            io,
+            label,
+            prefixes,
+            tail,
+        } = self;
+        let mut slices = wire_slices(prefixes, frames);
         let mut written = 0;
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
-            match Pin::new(&mut self.io).poll_write_vectored(&mut cx, rest) {
+            match Pin::new(&mut *io).poll_write_vectored(&mut cx, rest) {
                 Poll::Ready(Ok(0)) => {
                     return Err(Error::network(format!(
-                        "{}: connection took no more bytes",
-                        self.label
+                        "{label}: connection took no more bytes"
                     )));
                 }
                 Poll::Ready(Ok(n)) => {
                     written += n;
                     IoSlice::advance_slices(&mut rest, n);
                 }
-                Poll::Ready(Err(e)) => return Err(io_error(&self.label, "writing", e)),
+                Poll::Ready(Err(e)) => return Err(io_error(label, "writing", e)),
                 Poll::Pending => break,
             }
         }
-        if written == total {
+        if rest.is_empty() {
             return Ok(frames.len());
         }
-        // Whole frames written, then perhaps one begun: keep its rest.
+        // Whole frames written, then perhaps one begun: keep what is left
+        // of it.
         let mut at = 0;
         for (i, frame) in frames.iter().enumerate() {
             let end = at + PREFIX_LEN + frame.len();
             if written < end {
-                if written > at {
-                    let done = written - at;
-                    let mut whole = BytesMut::with_capacity(PREFIX_LEN + frame.len());
-                    whole.extend_from_slice(&prefixes[i]);
-                    whole.extend_from_slice(frame);
-                    self.tail = whole.split_off(done);
-                    return Ok(i + 1);
+                if written == at {
+                    return Ok(i);
                 }
-                return Ok(i);
+                let done = written - at;
+                tail.clear();
+                if done < PREFIX_LEN {
+                    tail.extend_from_slice(&prefixes[i][done..]);
+                    tail.extend_from_slice(frame);
+                } else {
+                    tail.extend_from_slice(&frame[done - PREFIX_LEN..]);
+                }
+                return Ok(i + 1);
             }
             at = end;
         }

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
 use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
-use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions};
+use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions, ZERO_COPY_MIN};
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
@@ -588,7 +588,7 @@ impl Transmitter {
     fn recycle_written(&mut self, shared: &Shared, n: usize) {
         let mut reusable = Vec::new();
         for frame in self.sealed.drain(..n) {
-            if frame.len() >= 8 * 1024
+            if frame.len() >= ZERO_COPY_MIN
                 && let Ok(buf) = frame.try_into_mut()
             {
                 reusable.push(buf);

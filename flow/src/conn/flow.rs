@@ -334,12 +334,14 @@ impl FlowWriter {
     /// See [`Flow::write_msg`].
     pub async fn write_msg(&mut self, bufs: &[&[u8]]) -> Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total == 0 {
-            poll_fn(|cx| self.poll_write_bufs(cx, bufs)).await?;
+        // Usually all of it goes at once; only a partial write needs a
+        // copy of the slice list to advance through.
+        let mut written = poll_fn(|cx| self.poll_write_bufs(cx, bufs)).await?;
+        if written >= total {
             return Ok(());
         }
-        let mut written = 0;
         let mut parts: Vec<&[u8]> = bufs.to_vec();
+        advance(&mut parts, written);
         while written < total {
             let n = poll_fn(|cx| self.poll_write_bufs(cx, &parts)).await?;
             written += n;

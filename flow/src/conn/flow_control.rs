@@ -91,13 +91,13 @@ impl RecvWindow {
     }
 
     /// A window for a flow the peer opened with `carried` bytes inside its
-    /// `OpenFlow`: those bytes are buffered and the peer's credit is the rest
-    /// (the first grant, which the caller sends).
-    pub(crate) fn opened_by_peer(window: u64, carried: u64) -> Self {
-        debug_assert!(window >= carried);
+    /// `OpenFlow`, paid from the shared tokens: the window holds just those
+    /// bytes, and the peer has no credit of its own until the flow is
+    /// accepted and widened.
+    pub(crate) fn opened_by_peer(carried: u64) -> Self {
         RecvWindow {
-            window,
-            outstanding: window - carried,
+            window: carried,
+            outstanding: 0,
             buffered: carried,
             unreleased: 0,
             last_release: None,

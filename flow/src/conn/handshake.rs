@@ -707,7 +707,7 @@ impl Acceptor {
         if self.answered.is_some() {
             return Err(Error::bad_state("handshake hello received twice"));
         }
-        if frame.len() < 3 || &frame[..2] != MAGIC {
+        if !is_hello(&frame) {
             return Err(Error::bad_arg("not a flow handshake (bad magic)"));
         }
         let suite = Suite::from_id(frame[2])

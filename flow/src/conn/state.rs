@@ -81,7 +81,7 @@ const MAX_SPARE_BUFFERS: usize = 32;
 
 /// A chunk at least this long goes out as a frame of its own, encrypted in
 /// place, rather than being copied into a shared frame.
-const ZERO_COPY_MIN: usize = 8 * 1024;
+pub(crate) const ZERO_COPY_MIN: usize = 8 * 1024;
 /// A received payload smaller than 1/`COPY_RATIO` of its frame is copied out
 /// so it does not pin the whole frame in memory.
 const COPY_RATIO: usize = 8;
@@ -723,7 +723,7 @@ impl ConnState {
             }
             self.stats.messages_received += 1;
             if let Err(err) = self.handle_message(now, msg, frame_len) {
-                self.fail(err.clone(), Some(err.message().to_string()));
+                self.close_with(err.clone());
                 return Err(err);
             }
             if self.lifecycle == Lifecycle::Closed {
@@ -735,7 +735,7 @@ impl ConnState {
 
     fn violate(&mut self, message: impl Into<String>) -> Result<()> {
         let err = violation(message);
-        self.fail(err.clone(), Some(err.message().to_string()));
+        self.close_with(err.clone());
         Err(err)
     }
 
@@ -901,7 +901,7 @@ impl ConnState {
             queued: 0,
             in_ready: false,
             recv_state: RecvState::Open,
-            window: RecvWindow::opened_by_peer(carried, carried),
+            window: RecvWindow::opened_by_peer(carried),
             recv_queue: VecDeque::new(),
             pending_release: None,
             discarding: false,
@@ -991,6 +991,7 @@ impl ConnState {
     }
 
     fn on_release(&mut self, release: ReleaseMsg) -> Result<()> {
+        let pool_before = self.pool.available();
         for Release { flow_id, tokens } in release.releases {
             let past = self.is_past_flow(flow_id);
             match self.flows.get_mut(&flow_id) {
@@ -1004,7 +1005,12 @@ impl ConnState {
                 None => return Err(violation(format!("release for unknown flow {flow_id}"))),
             }
         }
-        // Returned shared tokens may unblock first writes on other flows.
+        // Returned shared tokens may unblock first writes on other flows
+        // (nothing else holds up an unopened flow's write): only then is
+        // the walk over every flow worth it.
+        if self.pool.available() <= pool_before {
+            return Ok(());
+        }
         for entry in self.flows.values_mut() {
             if !entry.opened
                 && let Some(w) = entry.write_waker.take()
