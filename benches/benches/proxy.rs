@@ -373,8 +373,8 @@ fn main() {
         p.iters,
         p.workers
     );
-    let base_rate = median(&mut mbps[0].clone());
-    let base_rtt = median(&mut rtt50[0].clone());
+    let base_rate = median(&mut mbps[0]);
+    let base_rtt = median(&mut rtt50[0]);
     println!(
         "| way | throughput (MB/s) | vs direct | rtt64 median (us) | vs direct | rtt64 p99 (us) |"
     );

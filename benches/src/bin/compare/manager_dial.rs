@@ -12,7 +12,9 @@ use flow_manager::Manager;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cases::{Outcome, Params, STREAMS, percentile_us};
-use crate::systems::{Behaviour, Credentials, Dialer, Result, Server, System, TAG_ECHO};
+use crate::systems::{
+    Behaviour, BoxStream, Credentials, Dialer, Result, Server, System, TAG_ECHO, serve_tagged,
+};
 
 /// Runs the case for `system` (flow-tcp through a Manager, or yamux-noise).
 pub(crate) async fn run(system: System, creds: &Credentials, p: &Params) -> Result<Outcome> {
@@ -32,15 +34,9 @@ async fn flow_manager_dials(p: &Params) -> Result<Outcome> {
     tokio::spawn({
         let server = server.clone();
         async move {
-            while let Ok(mut flow) = server.accept().await {
-                tokio::spawn(async move {
-                    while let Ok(Some(m)) = flow.read_msg().await {
-                        if flow.write_msg(&[&m]).await.is_err() {
-                            return;
-                        }
-                    }
-                    flow.close_write();
-                });
+            // The same server every system gets.
+            while let Ok(flow) = server.accept().await {
+                tokio::spawn(serve_tagged(Box::new(flow)));
             }
         }
     });
@@ -59,16 +55,16 @@ async fn flow_manager_dials(p: &Params) -> Result<Outcome> {
         flow.conn().close("next dial is cold");
     }
     let cold = p.handshake_count as f64 / start.elapsed().as_secs_f64();
-    // Cached: a flow on the existing connection, with a 1-byte round trip.
-    let mut keep = client.dial(&endpoint, auth.clone(), Duration::ZERO).await?;
-    keep.write_msg(&[b"k"]).await?;
-    keep.read_msg().await?;
+    // Cached: a flow on the existing connection, with a 1-byte round trip
+    // (as for yamux-noise below).
+    let mut keep: BoxStream = Box::new(client.dial(&endpoint, auth.clone(), Duration::ZERO).await?);
+    echo_one_byte(&mut keep).await?;
     let mut times = Vec::with_capacity(p.iters);
     for _ in 0..200 + p.iters {
         let t = Instant::now();
-        let mut flow = client.dial(&endpoint, auth.clone(), Duration::ZERO).await?;
-        flow.write_msg(&[b"x"]).await?;
-        flow.read_msg().await?;
+        let mut flow: BoxStream =
+            Box::new(client.dial(&endpoint, auth.clone(), Duration::ZERO).await?);
+        echo_one_byte(&mut flow).await?;
         times.push(t.elapsed());
     }
     times.drain(..200);
@@ -98,9 +94,7 @@ async fn plain_dials(system: System, creds: &Credentials, p: &Params) -> Result<
     for _ in 0..200 + p.iters {
         let t = Instant::now();
         let mut stream = client.open().await?;
-        stream.write_all(&[TAG_ECHO, b'x']).await?;
-        let mut one = [0u8; 1];
-        stream.read_exact(&mut one).await?;
+        echo_one_byte(&mut stream).await?;
         times.push(t.elapsed());
     }
     times.drain(..200);
@@ -110,4 +104,12 @@ async fn plain_dials(system: System, creds: &Credentials, p: &Params) -> Result<
         .figure("cold_per_s", cold)
         .figure("cached_p50_us", percentile_us(&times, 0.5))
         .figure("cached_p99_us", percentile_us(&times, 0.99)))
+}
+
+/// Asks the tagged server for an echo and has one byte echoed.
+async fn echo_one_byte(stream: &mut BoxStream) -> Result<()> {
+    stream.write_all(&[TAG_ECHO, b'x']).await?;
+    let mut one = [0u8; 1];
+    stream.read_exact(&mut one).await?;
+    Ok(())
 }

@@ -30,6 +30,8 @@ pub(crate) const PATTERN: &str = "Noise_XX_25519_ChaChaPoly_SHA256";
 
 /// Largest Noise message (the 2-byte length prefix bounds it).
 const MAX_MESSAGE: usize = 65_535;
+/// Room for one handshake message (the largest is about 300 bytes).
+const HANDSHAKE_MESSAGE: usize = 4096;
 
 /// AEAD tag added to every transport message.
 const TAG: usize = 16;
@@ -133,9 +135,10 @@ pub(crate) async fn handshake(
         builder.build_responder()
     }
     .map_err(noise_error)?;
-    let mut out = vec![0u8; MAX_MESSAGE];
+    // XX messages with the identity payload stay well under a kilobyte.
+    let mut out = vec![0u8; HANDSHAKE_MESSAGE];
     let mut message = Vec::new();
-    let mut payload = vec![0u8; MAX_MESSAGE];
+    let mut payload = vec![0u8; HANDSHAKE_MESSAGE];
     let peer_payload_len;
     if initiator {
         // -> e

@@ -68,7 +68,7 @@ impl Row {
 /// N× the other" form: above 1 is better for flow in rates, below 1 in
 /// times and bytes).
 fn ratio_to_flow(rows: &Rows, case: Case, system: System) -> Option<f64> {
-    let (name, _) = case.main_figure();
+    let name = case.main_figure();
     let flow = rows.get(&(case, System::FlowTcp))?.figure(name)?;
     let this = rows.get(&(case, system))?.figure(name)?;
     let ratio = flow / this;

@@ -14,19 +14,15 @@ use flow::naming::Endpoint;
 use flow::security::{BlessingPattern, Principal};
 use flow_manager::Manager;
 use flow_manager::proxy::{Proxy, ProxyConfig};
-use tokio::io::AsyncWriteExt;
 
 use crate::cases::{
-    Outcome, Params, download, mb_per_s, percentile_us, round_trips, round_trips_and_parks,
+    Outcome, Params, download, mb_per_s, percentile_us, round_trips_and_parks, start_echo,
 };
-use crate::systems::{BoxStream, Result, System, TAG_ECHO, serve_tagged};
+use crate::systems::{BoxStream, Result, System, serve_tagged};
 
 /// Share of `--bytes` the proxy case moves per run (a quarter: the case
 /// runs twice per round and must keep the full run under five minutes).
 const BYTES_SHARE: u64 = 4;
-
-/// Round trips before measuring.
-const WARM_UP: usize = 200;
 
 /// Runs the case for `system` (`flow-tcp`: direct; `flow-proxy`: through
 /// one proxy).
@@ -92,9 +88,7 @@ async fn measure(client: &Manager, endpoint: &Endpoint, p: &Params) -> Result<Ou
     let elapsed = start.elapsed();
     drop(bulk);
 
-    let mut echo: BoxStream = Box::new(client.dial(endpoint, auth, Duration::ZERO).await?);
-    echo.write_all(&[TAG_ECHO]).await?;
-    round_trips(&mut echo, WARM_UP, None).await?;
+    let mut echo = start_echo(Box::new(client.dial(endpoint, auth, Duration::ZERO).await?)).await?;
     let (samples, parks_per_rt) = round_trips_and_parks(&mut echo, p.iters).await?;
     drop(echo);
     Ok(Outcome::default()
