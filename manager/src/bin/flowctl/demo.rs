@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use flow::auth::PatternAuthorizer;
+use flow::auth::PeerAuthorizer;
 use flow::conn::Flow;
 use flow::naming::Endpoint;
 use flow::security::{BlessingPattern, Principal};
@@ -78,9 +78,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
 
     step("client dials the server's proxied endpoint, insisting on demo:server");
     let client = Manager::builder(client_id).dial_only().build();
-    let expect_server = Arc::new(PatternAuthorizer::new([BlessingPattern::parse(
-        "demo:server",
-    )?]));
+    let expect_server = crate::common::authorizer(Some("demo:server"))?;
     let through = measure(
         &client,
         &proxied,
@@ -135,7 +133,7 @@ struct Figures {
 async fn measure(
     client: &Manager,
     endpoint: &Endpoint,
-    authorizer: Arc<PatternAuthorizer>,
+    authorizer: Arc<dyn PeerAuthorizer>,
     args: &DemoArgs,
     label: &str,
 ) -> Result<Figures> {
