@@ -1078,7 +1078,7 @@ impl ConnState {
             let Some(entry) = self.flows.get_mut(&id) else {
                 continue;
             };
-            match emit_flow(
+            let own_frame = match emit_flow(
                 id,
                 entry,
                 buf,
@@ -1095,39 +1095,28 @@ impl ConnState {
                     if passthrough_at.is_some() {
                         clear_from = passthrough_at;
                     }
+                    None
                 }
-                Emitted::OwnFrame(frame, encrypted) => {
-                    self.last_used = now;
-                    if entry.is_sendable() {
-                        self.ready.push_back(id);
-                    } else {
-                        entry.in_ready = false;
-                    }
-                    wake_opt(&mut entry.write_waker);
-                    if entry.send_state == SendState::Closed {
-                        entry.wake_closed();
-                    }
-                    self.maybe_reap(id);
-                    self.stats.frames_sent += 1;
-                    return Some(BuiltFrame {
-                        encrypted_len: encrypted.unwrap_or(frame.len() - super::FRAME_OVERHEAD),
-                        own_buffer: Some(frame),
-                    });
-                }
-            }
+                Emitted::OwnFrame(frame, encrypted) => Some((frame, encrypted)),
+            };
             self.last_used = now;
             if entry.is_sendable() {
                 self.ready.push_back(id);
             } else {
                 entry.in_ready = false;
             }
-            if let Some(w) = entry.write_waker.take() {
-                w.wake();
-            }
+            wake_opt(&mut entry.write_waker);
             if entry.send_state == SendState::Closed {
                 entry.wake_closed();
             }
             self.maybe_reap(id);
+            if let Some((frame, encrypted)) = own_frame {
+                self.stats.frames_sent += 1;
+                return Some(BuiltFrame {
+                    encrypted_len: encrypted.unwrap_or(frame.len() - super::FRAME_OVERHEAD),
+                    own_buffer: Some(frame),
+                });
+            }
             if clear_from.is_some() {
                 break;
             }
