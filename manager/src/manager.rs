@@ -615,7 +615,7 @@ impl Manager {
                 } else {
                     Vec::new()
                 };
-                self.adopt(conn.clone(), addrs);
+                self.adopt(conn.clone(), addrs, false)?;
                 self.inner.failures.lock().remove(&key);
                 Ok(conn)
             }
@@ -664,7 +664,7 @@ impl Manager {
             return Ok((conn, true));
         }
         // A proxy: keep its connection for later tunnels and its own flows.
-        self.adopt(conn.clone(), vec![AddrKey::of(remote)]);
+        self.adopt(conn.clone(), vec![AddrKey::of(remote)], false)?;
         let inner = self
             .tunnel_through(&conn, remote, authorizer, channel_timeout)
             .await?;
@@ -806,10 +806,28 @@ impl Manager {
         victims.len()
     }
 
-    /// Takes an established connection into the cache and the accept hub.
-    pub(crate) fn adopt(&self, conn: Conn, addrs: Vec<AddrKey>) {
-        self.inner.cache.lock().insert(conn.clone(), addrs);
+    /// Takes an established connection into the cache and the accept hub
+    /// (marking it as carried by a proxy's tunnel when `tunneled`); a
+    /// manager that is closing takes nothing: it closes the connection and
+    /// fails with [`ErrorKind::Aborted`].
+    pub(crate) fn adopt(&self, conn: Conn, addrs: Vec<AddrKey>, tunneled: bool) -> Result<()> {
+        {
+            // Checked under the cache lock: `close` sets `closing` before
+            // it lists the cache, so it never misses a connection adopted
+            // here.
+            let mut cache = self.inner.cache.lock();
+            if *self.inner.closing.lock() {
+                drop(cache);
+                conn.close("manager is closing");
+                return Err(Error::new(ErrorKind::Aborted, "manager is closed"));
+            }
+            if tunneled {
+                self.inner.tunneled.lock().insert(conn.id());
+            }
+            cache.insert(conn.clone(), addrs);
+        }
         self.inner.accept.add(conn);
+        Ok(())
     }
 
     /// Connections in the cache.
@@ -918,15 +936,7 @@ impl Manager {
         local: Endpoint,
     ) -> Result<()> {
         let remote_addr = transport.remote_addr();
-        let params = HandshakeParams {
-            transport_max_frame: transport.max_frame_size(),
-            config: self.inner.conn_config.clone(),
-            principal: self.inner.principal.clone(),
-            // Accept every authenticated peer: the application authorizes
-            // per request.
-            authorizer: Arc::new(AllowEveryone),
-            local_endpoint: local.clone(),
-        };
+        let params = self.accept_params(transport.max_frame_size(), local);
         let conn = Conn::accept(transport, params).await?;
         if let Some(requested) = conn.requested_endpoint() {
             let rid = requested.routing_id();
@@ -938,16 +948,25 @@ impl Manager {
                 ));
             }
         }
-        if *self.inner.closing.lock() {
-            conn.close("manager is closing");
-            return Ok(());
-        }
         let addrs = vec![AddrKey {
             protocol: conn.remote_endpoint().protocol().to_string(),
             address: conn.remote_addr().to_string(),
         }];
-        self.adopt(conn, addrs);
-        Ok(())
+        self.adopt(conn, addrs, false)
+    }
+
+    /// The acceptor's side of a handshake over a transport carrying frames
+    /// of at most `max_frame` bytes, answering as `local`. Every
+    /// authenticated peer is accepted: the application authorizes per
+    /// request.
+    pub(crate) fn accept_params(&self, max_frame: usize, local: Endpoint) -> HandshakeParams {
+        HandshakeParams {
+            transport_max_frame: max_frame,
+            config: self.inner.conn_config.clone(),
+            principal: self.inner.principal.clone(),
+            authorizer: Arc::new(AllowEveryone),
+            local_endpoint: local,
+        }
     }
 
     /// Whether this manager takes connections asking for other routing ids
@@ -1002,6 +1021,9 @@ async fn reap_idle(inner: std::sync::Weak<Inner>) {
         let expired = {
             let mut cache = inner.cache.lock();
             cache.sweep();
+            // Forget tunnels that are gone (same lock order as `adopt`).
+            let live: std::collections::HashSet<u64> = cache.all().iter().map(Conn::id).collect();
+            inner.tunneled.lock().retain(|id| live.contains(id));
             cache.take_expired(cutoff)
         };
         inner.accept.sweep();

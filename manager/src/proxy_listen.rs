@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use flow::auth::{AllowEveryone, PeerAuthorizer};
-use flow::conn::{Conn, Flow, FlowReader, HandshakeParams};
+use flow::conn::{Conn, Flow, FlowReader};
 use flow::message::Message;
 use flow::message::codec::Reader;
 use flow::naming::Endpoint;
@@ -306,17 +306,9 @@ async fn accept_tunnels(inner: std::sync::Weak<Inner>, conn: Conn) {
 impl Manager {
     async fn accept_tunnel(&self, flow: Flow) -> Result<()> {
         let tunnel = FlowConn::new(flow)?;
-        let params = HandshakeParams {
-            transport_max_frame: tunnel.max_frame_size(),
-            config: self.inner.conn_config.clone(),
-            principal: self.inner.principal.clone(),
-            authorizer: Arc::new(AllowEveryone),
-            local_endpoint: self.inner.bidi.clone(),
-        };
+        let params = self.accept_params(tunnel.max_frame_size(), self.inner.bidi.clone());
         let conn = Conn::accept(Box::new(tunnel), params).await?;
-        self.inner.tunneled.lock().insert(conn.id());
-        self.adopt(conn, Vec::new());
-        Ok(())
+        self.adopt(conn, Vec::new(), true)
     }
 }
 
