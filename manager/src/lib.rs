@@ -23,6 +23,7 @@
 )]
 
 mod accept;
+mod backoff;
 mod cache;
 mod dial_any;
 mod flow_conn;

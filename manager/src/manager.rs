@@ -453,20 +453,16 @@ impl Manager {
         self.check_open()?;
         // A connection may enter lame duck between lookup and open: retry
         // once on a fresh one.
-        for attempt in 0..2 {
-            let conn = self
-                .conn_for(remote, &authorizer, channel_timeout, cached_only)
-                .await?;
-            match conn.open_flow(opts.clone()) {
-                Ok(flow) => return Ok(flow),
-                Err(e) if attempt == 0 && e.kind() == ErrorKind::BadState => continue,
-                Err(e) => return Err(e),
-            }
+        let conn = self
+            .conn_for(remote, &authorizer, channel_timeout, cached_only)
+            .await?;
+        match conn.open_flow(opts.clone()) {
+            Err(e) if e.kind() == ErrorKind::BadState => {}
+            result => return result,
         }
-        Err(Error::new(
-            ErrorKind::DialFailed,
-            format!("no usable connection to {remote}"),
-        ))
+        self.conn_for(remote, &authorizer, channel_timeout, cached_only)
+            .await?
+            .open_flow(opts)
     }
 
     /// A flow to `remote` over a cached connection only; fails with

@@ -11,6 +11,7 @@ use flow::conn::Conn;
 use flow::naming::Endpoint;
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::manager::Manager;
 
 /// How a pinned connection is kept.
@@ -135,7 +136,7 @@ async fn keep(
             _ = conn.closed() => {}
             _ = changes.changed() => {}
         }
-        let mut backoff = opts.min_backoff;
+        let mut backoff = Backoff::new(opts.min_backoff, opts.max_backoff);
         loop {
             let Some(p) = pin.upgrade() else { return };
             if p.unpinned.load(Ordering::SeqCst) {
@@ -161,9 +162,7 @@ async fn keep(
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, %remote, "re-dialing pinned connection failed");
-                    let jitter = rand::random_range(0.5..1.5);
-                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                    backoff = (backoff * 2).min(opts.max_backoff);
+                    tokio::time::sleep(backoff.next_pause()).await;
                 }
             }
         }

@@ -22,6 +22,7 @@ use flow::transport::FramedConn;
 use flow::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::flow_conn::FlowConn;
 use crate::manager::{Inner, Manager};
 
@@ -232,9 +233,7 @@ impl Manager {
         let name = name.to_string();
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let min = Duration::from_millis(20);
-            let max = Duration::from_secs(30);
-            let mut backoff = min;
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(30));
             loop {
                 let Some(inner) = manager.upgrade() else {
                     return;
@@ -246,7 +245,7 @@ impl Manager {
                 };
                 match attempt {
                     Ok(handle) => {
-                        backoff = min;
+                        backoff.reset();
                         let conn = handle.conn().clone();
                         drop(m);
                         tokio::select! {
@@ -267,9 +266,8 @@ impl Manager {
                     }
                     Err(e) => {
                         drop(m);
-                        tracing::debug!(%proxy, error = %e, ?backoff, "listening through the proxy failed");
-                        let pause = backoff.mul_f64(rand::random_range(0.5..1.5));
-                        backoff = (backoff * 2).min(max);
+                        let pause = backoff.next_pause();
+                        tracing::debug!(%proxy, error = %e, ?pause, "listening through the proxy failed");
                         tokio::select! {
                             _ = tokio::time::sleep(pause) => {}
                             _ = stopped.wait_for(|s| *s) => return,

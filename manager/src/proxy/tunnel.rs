@@ -226,8 +226,10 @@ async fn pump(
         match from.read_msg().await {
             Ok(Some(msg)) => {
                 let n = msg.len() as u64;
-                let sum = total.fetch_add(n, Ordering::Relaxed) + n;
-                if max.is_some_and(|max| sum > max) {
+                // Only a per-flow byte limit needs the running total.
+                if let Some(max) = max
+                    && total.fetch_add(n, Ordering::Relaxed) + n > max
+                {
                     return Err(End::Cut(Cutoff::MaxBytes));
                 }
                 to.write_msg(&[&msg]).await.map_err(End::Failed)?;

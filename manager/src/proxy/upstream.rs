@@ -21,6 +21,7 @@ use flow::{Error, ErrorKind, Result};
 use tokio::sync::{oneshot, watch};
 
 use super::{Inner, until_set};
+use crate::backoff::Backoff;
 
 /// First delay before registering again.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -37,7 +38,7 @@ pub(super) async fn run(
     first: oneshot::Sender<()>,
 ) {
     let mut first = Some(first);
-    let mut delay = FIRST_RETRY;
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
@@ -53,13 +54,12 @@ pub(super) async fn run(
         }
         drop(inner);
         if registered {
-            delay = FIRST_RETRY;
+            backoff.reset();
         }
+        let wait = backoff.next_pause();
         if !*stopping.borrow() {
-            tracing::warn!(%via, error = %err, retry_in = ?delay, "not listening through upstream proxy");
+            tracing::warn!(%via, error = %err, retry_in = ?wait, "not listening through upstream proxy");
         }
-        let wait = delay.mul_f64(rand::random_range(0.5..1.5));
-        delay = (delay * 2).min(MAX_RETRY);
         tokio::select! {
             () = until_set(&mut stopping) => return,
             () = tokio::time::sleep(wait) => {}
