@@ -25,6 +25,7 @@
 mod accept;
 mod backoff;
 mod cache;
+mod control_wire;
 mod dial_any;
 mod flow_conn;
 mod manager;

@@ -12,17 +12,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use flow::auth::{AllowEveryone, PeerAuthorizer};
 use flow::conn::{Conn, Flow, FlowReader};
 use flow::message::Message;
-use flow::message::codec::Reader;
 use flow::naming::Endpoint;
 use flow::transport::FramedConn;
 use flow::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
+use crate::control_wire;
 use crate::flow_conn::FlowConn;
 use crate::manager::{Inner, Manager};
 
@@ -89,13 +88,6 @@ impl Drop for ProxyKeeper {
     }
 }
 
-/// Encodes one control message.
-fn encode(msg: &Message) -> BytesMut {
-    let mut buf = BytesMut::new();
-    msg.encode(&mut buf);
-    buf
-}
-
 /// Reads one control message from a control flow.
 async fn read_control(reader: &mut FlowReader) -> Result<Message> {
     let Some(raw) = reader.read_msg().await? else {
@@ -104,10 +96,7 @@ async fn read_control(reader: &mut FlowReader) -> Result<Message> {
             "the proxy closed the control flow",
         ));
     };
-    let mut r = Reader::new(raw, "Control");
-    let msg = Message::decode(&mut r)?;
-    r.finish("message")?;
-    Ok(msg)
+    control_wire::decode_one(raw, "Control")
 }
 
 /// The proxy's endpoints for this manager, carrying this manager's own
@@ -182,7 +171,7 @@ impl Manager {
             ProxyRequest::Server => Message::ProxyServerRequest,
             ProxyRequest::Proxy => Message::MultiProxyRequest,
         };
-        writer.write_msg(&[&encode(&msg)]).await?;
+        control_wire::send(&mut writer, &msg).await?;
         let endpoints = match read_control(&mut reader).await? {
             Message::ProxyResponse(r) => {
                 parse_endpoints(&r.endpoints, self.inner.bidi.blessing_names())

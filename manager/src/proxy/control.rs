@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use flow::Result;
 use flow::conn::{Flow, FlowWriter};
 use flow::message::{Message, ProxyErrorResponse, ProxyResponse};
 
 use super::route::{Kind, endpoints_for};
 use super::{Inner, Refusal, Refused};
+use crate::control_wire::send;
 
 /// Serves one control flow until the registration ends.
 pub(super) async fn serve(inner: Arc<Inner>, flow: Flow, kind: Kind) {
@@ -105,21 +105,15 @@ async fn send_endpoints(
         .iter()
         .map(ToString::to_string)
         .collect();
-    send(writer, Message::ProxyResponse(ProxyResponse { endpoints })).await
+    send(writer, &Message::ProxyResponse(ProxyResponse { endpoints })).await
 }
 
 async fn send_error(writer: &mut FlowWriter, error: &str) -> Result<()> {
     send(
         writer,
-        Message::ProxyErrorResponse(ProxyErrorResponse {
+        &Message::ProxyErrorResponse(ProxyErrorResponse {
             error: error.to_string(),
         }),
     )
     .await
-}
-
-async fn send(writer: &mut FlowWriter, msg: Message) -> Result<()> {
-    let mut buf = BytesMut::new();
-    msg.encode(&mut buf);
-    writer.write_msg(&[&buf]).await
 }

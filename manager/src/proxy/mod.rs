@@ -37,7 +37,6 @@ use std::time::Duration;
 
 use flow::conn::{Conn, Flow};
 use flow::message::Message;
-use flow::message::codec::Reader;
 use flow::naming::{Endpoint, RoutingId};
 use flow::security::BlessingPattern;
 use flow::{Error, ErrorKind, Result};
@@ -47,6 +46,7 @@ use tokio::sync::{Notify, oneshot, watch};
 pub use metrics::{LATENCY_BUCKETS, LatencyHistogram, ProxyStats};
 
 use crate::Manager;
+use crate::control_wire;
 use metrics::Counters;
 use registry::{Claim, Registration, Registry};
 use route::Kind;
@@ -741,10 +741,9 @@ async fn until_set(flag: &mut watch::Receiver<bool>) {
 /// What a flow's first message makes of it: a control flow of this kind,
 /// if it is a proxy request.
 fn control_kind(first: &bytes::Bytes) -> Option<Kind> {
-    let mut r = Reader::new(first.clone(), "proxy request");
-    match Message::decode(&mut r) {
-        Ok(Message::ProxyServerRequest) if r.is_empty() => Some(Kind::Server),
-        Ok(Message::MultiProxyRequest) if r.is_empty() => Some(Kind::Proxy),
+    match control_wire::decode_one(first.clone(), "proxy request") {
+        Ok(Message::ProxyServerRequest) => Some(Kind::Server),
+        Ok(Message::MultiProxyRequest) => Some(Kind::Proxy),
         _ => None,
     }
 }

@@ -12,16 +12,15 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use flow::auth::{AllowEveryone, PatternAuthorizer, PeerAuthorizer};
 use flow::message::Message;
-use flow::message::codec::Reader;
 use flow::naming::Endpoint;
 use flow::{Error, ErrorKind, Result};
 use tokio::sync::{oneshot, watch};
 
 use super::{Inner, until_set};
 use crate::backoff::Backoff;
+use crate::control_wire;
 
 /// First delay before registering again.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -108,9 +107,7 @@ async fn register_once(
     }
     let conn = flow.conn().clone();
     let (mut reader, mut writer) = flow.into_split();
-    let mut request = BytesMut::new();
-    Message::MultiProxyRequest.encode(&mut request);
-    if let Err(e) = writer.write_msg(&[&request]).await {
+    if let Err(e) = control_wire::send(&mut writer, &Message::MultiProxyRequest).await {
         return (false, e);
     }
     let mut registered = false;
@@ -153,9 +150,8 @@ async fn register_once(
 /// The endpoints of a `ProxyResponse`, or the error the upstream proxy
 /// answered.
 fn decode(msg: bytes::Bytes) -> Result<Vec<Endpoint>> {
-    let mut r = Reader::new(msg, "upstream proxy answer");
-    match Message::decode(&mut r) {
-        Ok(Message::ProxyResponse(resp)) if r.is_empty() => {
+    match control_wire::decode_one(msg, "upstream proxy answer") {
+        Ok(Message::ProxyResponse(resp)) => {
             let mut endpoints = Vec::with_capacity(resp.endpoints.len());
             for s in &resp.endpoints {
                 match Endpoint::parse(s) {
@@ -167,7 +163,7 @@ fn decode(msg: bytes::Bytes) -> Result<Vec<Endpoint>> {
             }
             Ok(endpoints)
         }
-        Ok(Message::ProxyErrorResponse(resp)) if r.is_empty() => Err(Error::new(
+        Ok(Message::ProxyErrorResponse(resp)) => Err(Error::new(
             ErrorKind::Proxy,
             format!("upstream proxy refused: {}", resp.error),
         )),
@@ -175,6 +171,6 @@ fn decode(msg: bytes::Bytes) -> Result<Vec<Endpoint>> {
             ErrorKind::Proxy,
             format!("upstream proxy sent {} on the control flow", other.name()),
         )),
-        Err(e) => Err(Error::from(e).context("upstream proxy answer")),
+        Err(e) => Err(e.context("upstream proxy answer")),
     }
 }
