@@ -229,10 +229,7 @@ fn binding_messages(
     tag: &[u8],
     hash: &[u8],
 ) -> Vec<Message> {
-    let mut signed = Vec::with_capacity(tag.len() + hash.len());
-    signed.extend_from_slice(tag);
-    signed.extend_from_slice(hash);
-    let signature = principal.sign(&signed);
+    let signature = principal.sign(&[tag, hash].concat());
     let mut binding = BytesMut::with_capacity(PUBLIC_KEY_LEN + SIGNATURE_LEN);
     binding.put_slice(principal.public_key().as_bytes());
     binding.put_slice(signature.as_bytes());
@@ -325,10 +322,7 @@ fn verify_binding(
     let key = PublicKey::from_bytes(&key)?;
     let mut sig = [0u8; SIGNATURE_LEN];
     sig.copy_from_slice(&binding[PUBLIC_KEY_LEN..]);
-    let mut signed = Vec::with_capacity(tag.len() + hash.len());
-    signed.extend_from_slice(tag);
-    signed.extend_from_slice(hash);
-    key.verify(&signed, &Signature(sig))
+    key.verify(&[tag, hash].concat(), &Signature(sig))
         .map_err(|_| Error::auth("peer's channel binding signature does not verify"))?;
     check_blessings_key(blessings, &key)?;
     Ok(key)

@@ -208,6 +208,13 @@ struct FlowEntry {
 }
 
 impl FlowEntry {
+    /// Whether this flow may no longer open on the wire: the peer asked for
+    /// no new flows (acknowledged as `ack_sent`) before its `OpenFlow`
+    /// was queued.
+    fn barred_by_lame_duck(&self, ack_sent: bool) -> bool {
+        !self.opened && ack_sent && !self.in_ready
+    }
+
     fn is_sendable(&self) -> bool {
         match self.send_state {
             SendState::Closing => true,
@@ -1239,9 +1246,7 @@ impl ConnState {
             return Err(err.clone());
         }
         if self.peer_lame_duck {
-            return Err(Error::bad_state(
-                "connection is in lame duck: the peer asked for no new flows",
-            ));
+            return Err(peer_lame_duck());
         }
         if self.local_lame_duck {
             return Err(Error::bad_state("connection is closing (lame duck)"));
@@ -1535,10 +1540,8 @@ impl ConnState {
         if entry.send_state != SendState::Open || entry.discarding {
             return Poll::Ready(Err(Error::bad_state("write on a flow closed for writing")));
         }
-        if !entry.opened && lame_duck_ack_sent && !entry.in_ready {
-            return Poll::Ready(Err(Error::bad_state(
-                "connection is in lame duck: the peer asked for no new flows",
-            )));
+        if entry.barred_by_lame_duck(lame_duck_ack_sent) {
+            return Poll::Ready(Err(peer_lame_duck()));
         }
         if total == 0 {
             schedule(&mut self.ready, id, entry);
@@ -1671,10 +1674,8 @@ impl ConnState {
         let Some(entry) = self.flows.get_mut(&id) else {
             return Poll::Ready(Ok(()));
         };
-        if !entry.opened && self.lame_duck_ack_sent && !entry.in_ready {
-            return Poll::Ready(Err(Error::bad_state(
-                "connection is in lame duck: the peer asked for no new flows",
-            )));
+        if entry.barred_by_lame_duck(self.lame_duck_ack_sent) {
+            return Poll::Ready(Err(peer_lame_duck()));
         }
         let pending =
             !entry.opened || entry.send_state == SendState::Closing || !entry.send_queue.is_empty();
@@ -1698,7 +1699,7 @@ impl ConnState {
             return;
         };
         if entry.send_state == SendState::Open {
-            if !entry.opened && self.lame_duck_ack_sent && !entry.in_ready {
+            if entry.barred_by_lame_duck(self.lame_duck_ack_sent) {
                 // The peer never heard of this flow and may not any more.
                 entry.send_state = SendState::Closed;
                 entry.wake_closed();
@@ -1802,6 +1803,11 @@ fn detach(payload: Bytes, frame_len: usize) -> Bytes {
     } else {
         payload
     }
+}
+
+/// The error for new flows once the peer entered lame duck.
+fn peer_lame_duck() -> Error {
+    Error::bad_state("connection is in lame duck: the peer asked for no new flows")
 }
 
 fn queue_release(queue: &mut VecDeque<FlowId>, id: FlowId, entry: &mut FlowEntry, tokens: u64) {
