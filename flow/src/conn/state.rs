@@ -208,6 +208,36 @@ struct FlowEntry {
 }
 
 impl FlowEntry {
+    /// A flow not yet opened on the wire, with no handle, nothing queued
+    /// either way and the connection's credentials on both sides.
+    fn new(credit: SendCredit, window: RecvWindow, side_channel: bool) -> FlowEntry {
+        FlowEntry {
+            opened: false,
+            alias: None,
+            send_state: SendState::Open,
+            credit,
+            send_queue: VecDeque::new(),
+            queued: 0,
+            in_ready: false,
+            recv_state: RecvState::Open,
+            window,
+            recv_queue: VecDeque::new(),
+            pending_release: None,
+            discarding: false,
+            handle_alive: false,
+            side_channel,
+            whole_messages: false,
+            passthrough: false,
+            local_blessings_key: CONN_BLESSINGS_KEY,
+            local_discharge_key: CONN_BLESSINGS_KEY,
+            remote_blessings_key: CONN_BLESSINGS_KEY,
+            remote_discharge_key: CONN_BLESSINGS_KEY,
+            read_waker: None,
+            write_waker: None,
+            closed_wakers: Vec::new(),
+        }
+    }
+
     /// Whether this flow may no longer open on the wire: the peer asked for
     /// no new flows (acknowledged as `ack_sent`) before its `OpenFlow`
     /// was queued.
@@ -901,28 +931,13 @@ impl ConnState {
         let side_channel = open.flags.contains(Flags::SIDE_CHANNEL);
         let mut entry = FlowEntry {
             opened: true,
-            alias: None,
-            send_state: SendState::Open,
-            credit: SendCredit::opened_by_peer(open.initial_tokens),
-            send_queue: VecDeque::new(),
-            queued: 0,
-            in_ready: false,
-            recv_state: RecvState::Open,
-            window: RecvWindow::opened_by_peer(carried),
-            recv_queue: VecDeque::new(),
-            pending_release: None,
-            discarding: false,
-            handle_alive: false,
-            side_channel,
-            whole_messages: false,
-            passthrough: false,
-            local_blessings_key: CONN_BLESSINGS_KEY,
-            local_discharge_key: CONN_BLESSINGS_KEY,
             remote_blessings_key: open.blessings_key,
             remote_discharge_key: open.discharge_key,
-            read_waker: None,
-            write_waker: None,
-            closed_wakers: Vec::new(),
+            ..FlowEntry::new(
+                SendCredit::opened_by_peer(open.initial_tokens),
+                RecvWindow::opened_by_peer(carried),
+                side_channel,
+            )
         };
         if carried > 0 {
             self.last_used = now;
@@ -932,11 +947,7 @@ impl ConnState {
         if open.flags.contains(Flags::CLOSE) {
             entry.recv_state = RecvState::PeerClosed;
         }
-        self.flows.insert(id, entry);
-        if !side_channel {
-            self.busy_flows += 1;
-        }
-        self.stats.flows_opened += 1;
+        self.insert_flow(id, entry);
         self.accept_queue.push_back(id);
         if let Some(w) = self.accept_waker.take() {
             w.wake();
@@ -1267,36 +1278,26 @@ impl ConnState {
             .budget
             .open_window(self.config.initial_window, self.config.min_window, 0);
         let entry = FlowEntry {
-            opened: false,
-            alias: None,
-            send_state: SendState::Open,
-            credit: SendCredit::opened_locally(),
-            send_queue: VecDeque::new(),
-            queued: 0,
-            in_ready: false,
-            recv_state: RecvState::Open,
-            window: RecvWindow::new(window),
-            recv_queue: VecDeque::new(),
-            pending_release: None,
-            discarding: false,
             handle_alive: true,
-            side_channel: opts.side_channel,
-            whole_messages: false,
-            passthrough: false,
             local_blessings_key,
             local_discharge_key,
-            remote_blessings_key: CONN_BLESSINGS_KEY,
-            remote_discharge_key: CONN_BLESSINGS_KEY,
-            read_waker: None,
-            write_waker: None,
-            closed_wakers: Vec::new(),
+            ..FlowEntry::new(
+                SendCredit::opened_locally(),
+                RecvWindow::new(window),
+                opts.side_channel,
+            )
         };
-        self.flows.insert(id, entry);
-        if !opts.side_channel {
+        self.insert_flow(id, entry);
+        Ok(id)
+    }
+
+    /// Adds a flow to the table and counts it.
+    fn insert_flow(&mut self, id: FlowId, entry: FlowEntry) {
+        if !entry.side_channel {
             self.busy_flows += 1;
         }
         self.stats.flows_opened += 1;
-        Ok(id)
+        self.flows.insert(id, entry);
     }
 
     fn credential_keys(
