@@ -258,24 +258,21 @@ impl SendCredit {
         }
     }
 
-    /// Bytes that may be queued now without borrowing.
-    pub(crate) fn credit(&self) -> u64 {
-        self.credit
+    /// The credit a write could take now: own credit if granted, else (for
+    /// a flow whose `OpenFlow` has not gone out, when `can_borrow`, limited
+    /// to `open_room` bytes in all) what `pool` lends.
+    pub(crate) fn available(&self, pool: &SharedPool, can_borrow: bool, open_room: u64) -> u64 {
+        if self.granted {
+            self.credit
+        } else if can_borrow {
+            pool.available.min(open_room.saturating_sub(self.borrowed))
+        } else {
+            0
+        }
     }
 
-    /// Bytes borrowed from the pool and not yet given back.
-    pub(crate) fn borrowed(&self) -> u64 {
-        self.borrowed
-    }
-
-    /// Whether the peer's first grant has arrived.
-    pub(crate) fn is_granted(&self) -> bool {
-        self.granted
-    }
-
-    /// Takes up to `want` bytes of credit: own credit if granted, else (for a
-    /// flow whose `OpenFlow` has not gone out, limited to `open_room` bytes in
-    /// all) borrowed from `pool`. Returns the bytes taken.
+    /// Takes up to `want` bytes of the credit [`SendCredit::available`]
+    /// reports. Returns the bytes taken.
     pub(crate) fn take(
         &mut self,
         want: u64,
@@ -283,19 +280,13 @@ impl SendCredit {
         can_borrow: bool,
         open_room: u64,
     ) -> u64 {
+        let n = want.min(self.available(pool, can_borrow, open_room));
         if self.granted {
-            let n = want.min(self.credit);
             self.credit -= n;
-            return n;
+        } else {
+            pool.available -= n;
+            self.borrowed += n;
         }
-        if !can_borrow {
-            return 0;
-        }
-        let n = want
-            .min(pool.available)
-            .min(open_room.saturating_sub(self.borrowed));
-        pool.available -= n;
-        self.borrowed += n;
         n
     }
 
@@ -406,7 +397,7 @@ mod tests {
         assert_eq!(pool.available(), 0);
         a.on_release(500, &mut pool);
         assert_eq!(pool.available(), 70);
-        assert_eq!(a.credit(), 500);
+        assert_eq!(a.credit, 500);
         // Later grants do not touch the pool.
         a.on_release(10, &mut pool);
         assert_eq!(pool.available(), 70);
@@ -463,9 +454,9 @@ mod tests {
                     flows[i].on_release(n, &mut pool);
                 } else {
                     let _ = flows[i].take(n, &mut pool, true, 4096);
-                    prop_assert!(flows[i].borrowed() <= 4096);
+                    prop_assert!(flows[i].borrowed <= 4096);
                 }
-                let borrowed: u64 = flows.iter().map(SendCredit::borrowed).sum();
+                let borrowed: u64 = flows.iter().map(|f| f.borrowed).sum();
                 prop_assert_eq!(pool.available() + borrowed, 10_000);
             }
         }

@@ -1557,15 +1557,9 @@ impl ConnState {
         // Before the OpenFlow goes out, bytes are borrowed from the shared
         // tokens and ride inside it: at most one message's worth.
         let can_borrow = !entry.opened && (!entry.whole_messages || entry.send_queue.is_empty());
-        let have = if entry.credit.is_granted() {
-            entry.credit.credit()
-        } else if can_borrow {
-            self.pool
-                .available()
-                .min((max_message as u64).saturating_sub(entry.credit.borrowed()))
-        } else {
-            0
-        };
+        let have = entry
+            .credit
+            .available(&self.pool, can_borrow, max_message as u64);
         // The peer's credit may be huge: never queue more than a window's
         // worth locally.
         let have = have.min(max_queue.saturating_sub(entry.queued));
