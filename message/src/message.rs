@@ -140,6 +140,8 @@ pub mod option {
     /// The sender (an acceptor) shows its blessings only after the dialer's
     /// ([`super::Setup::hidden_blessings`]); empty value.
     pub const HIDDEN_BLESSINGS: u64 = 6;
+    /// A resumption ticket ([`super::Setup::ticket`]).
+    pub const TICKET: u64 = 7;
     /// First id not interpreted by this version.
     pub const FIRST_UNKNOWN_OPTION: u64 = 64;
 }
@@ -162,6 +164,9 @@ pub struct Setup {
     /// The sender (an acceptor) hides its blessings until the dialer has
     /// shown its own and is allowed to see them.
     pub hidden_blessings: bool,
+    /// A resumption ticket's id: from a dialer, the ticket it redeems; from
+    /// an acceptor, a new ticket it issues for the next connection.
+    pub ticket: Option<Bytes>,
     /// Options this version does not interpret, kept in the order received.
     /// Their ids must not be those of the known options.
     pub unknown_options: Vec<SetupOption>,
@@ -323,6 +328,7 @@ impl Setup {
             + usize::from(self.peer_remote_endpoint.is_some())
             + usize::from(self.peer_local_endpoint.is_some())
             + usize::from(self.hidden_blessings)
+            + usize::from(self.ticket.is_some())
             + self.unknown_options.len()
     }
 
@@ -349,6 +355,9 @@ impl Setup {
         }
         if self.hidden_blessings {
             len += opt_len(option::HIDDEN_BLESSINGS, 0);
+        }
+        if let Some(t) = &self.ticket {
+            len += opt_len(option::TICKET, t.len());
         }
         for o in &self.unknown_options {
             len += opt_len(o.id, o.value.len());
@@ -378,6 +387,9 @@ impl Setup {
         if self.hidden_blessings {
             put_bytes_option(buf, option::HIDDEN_BLESSINGS, &[]);
         }
+        if let Some(t) = &self.ticket {
+            put_bytes_option(buf, option::TICKET, t);
+        }
         for o in &self.unknown_options {
             put_bytes_option(buf, o.id, &o.value);
         }
@@ -397,6 +409,7 @@ impl Setup {
             peer_remote_endpoint: None,
             peer_local_endpoint: None,
             hidden_blessings: false,
+            ticket: None,
             unknown_options: Vec::new(),
         };
         // Each option takes at least two bytes: its id and an empty value.
@@ -442,6 +455,7 @@ impl Setup {
                     }
                     setup.hidden_blessings = true;
                 }
+                option::TICKET => set_once(r, &mut setup.ticket, value, "ticket")?,
                 _ => setup.unknown_options.push(SetupOption { id, value }),
             }
         }

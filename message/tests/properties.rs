@@ -33,7 +33,11 @@ fn setup() -> impl Strategy<Value = Setup> {
         proptest::option::of(varint()),
         proptest::option::of(varint()),
         proptest::option::of(".{0,40}"),
-        (proptest::option::of(".{0,40}"), any::<bool>()),
+        (
+            proptest::option::of(".{0,40}"),
+            any::<bool>(),
+            proptest::option::of(payload()),
+        ),
         vec(
             (option::FIRST_UNKNOWN_OPTION..u64::MAX, payload())
                 .prop_map(|(id, value)| SetupOption { id, value }),
@@ -47,7 +51,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 shared_tokens,
                 initial_window,
                 remote,
-                (local, hidden_blessings),
+                (local, hidden_blessings, ticket),
                 unknown_options,
             )| Setup {
                 versions: VersionRange {
@@ -60,6 +64,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 peer_remote_endpoint: remote,
                 peer_local_endpoint: local,
                 hidden_blessings,
+                ticket,
                 unknown_options,
             },
         )
@@ -233,6 +238,7 @@ fn setup_keeps_unknown_options_and_rejects_duplicates() {
         peer_remote_endpoint: Some("@1@tcp@127.0.0.1:1@@@@@".into()),
         peer_local_endpoint: None,
         hidden_blessings: true,
+        ticket: Some(Bytes::from_static(&[7; 16])),
         unknown_options: vec![SetupOption {
             id: 1000,
             value: Bytes::from_static(b"future"),

@@ -1,7 +1,9 @@
 //! Tunables and limits of a connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::resumption::TicketStore;
 use crate::security::BlessingPattern;
 
 /// How a connection behaves and what it lets a peer do.
@@ -56,6 +58,13 @@ pub struct ConnConfig {
     /// is opened). Off by default: a dialer normally authorizes the acceptor
     /// before revealing anything.
     pub reveal_to_hidden_acceptors: bool,
+    /// Tickets for resuming: connections sharing a store (clones of one
+    /// config share it) issue tickets as acceptors and redeem them as
+    /// dialers, so a dialer returning to an endpoint binds the new channel
+    /// with a secret from the last connection instead of signatures (see
+    /// [`super::resumption`]). `None` turns resumption off: every handshake
+    /// signs. An acceptor hiding its blessings never issues tickets.
+    pub resumption: Option<Arc<TicketStore>>,
 }
 
 impl ConnConfig {
@@ -83,6 +92,7 @@ impl Default for ConnConfig {
             handshake_timeout: Duration::from_secs(10),
             blessings_visible_to: None,
             reveal_to_hidden_acceptors: false,
+            resumption: Some(Arc::new(TicketStore::default())),
         }
     }
 }

@@ -44,6 +44,7 @@ pub(crate) struct Shared {
     remote_endpoint: Endpoint,
     requested_endpoint: Option<Endpoint>,
     authorized: AuthorizedPeer,
+    resumed: bool,
     local_addr: String,
     remote_addr: String,
 }
@@ -229,6 +230,7 @@ impl Conn {
             remote_endpoint: done.remote_endpoint,
             requested_endpoint: done.requested_endpoint,
             authorized: done.authorized,
+            resumed: done.resumed,
             local_addr,
             remote_addr,
         });
@@ -329,6 +331,12 @@ impl Conn {
     /// The endpoint the dialer asked to reach (acceptor side).
     pub fn requested_endpoint(&self) -> Option<&Endpoint> {
         self.shared.requested_endpoint.as_ref()
+    }
+
+    /// Whether the handshake resumed: the peer proved its key with a ticket
+    /// from an earlier connection instead of a signature.
+    pub fn resumed(&self) -> bool {
+        self.shared.resumed
     }
 
     /// The transport's local address.

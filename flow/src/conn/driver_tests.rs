@@ -119,6 +119,42 @@ async fn handshake_binds_identities_both_ways() {
 }
 
 #[tokio::test]
+async fn reconnecting_resumes_and_the_authorizers_still_decide() {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let bob = Principal::with_self_blessing("bob").unwrap();
+    // Clones of one config share its ticket store.
+    let dialer = params(&alice, Arc::new(AllowEveryone));
+    let acceptor = params(&bob, Arc::new(AllowEveryone));
+    let (d, a) = connect(dialer.clone(), acceptor.clone()).await;
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert!(!d.resumed() && !a.resumed());
+    drop((d, a));
+
+    let (d, a) = connect(dialer.clone(), acceptor.clone()).await;
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert!(d.resumed() && a.resumed());
+    assert_eq!(d.remote_blessings().names(), vec!["bob".to_string()]);
+    assert_eq!(a.remote_blessings().names(), vec!["alice".to_string()]);
+    let mut flow = d.open_flow(FlowOptions::default()).unwrap();
+    flow.write_all(b"resumed").await.unwrap();
+    let mut accepted = within(a.accept_flow()).await.unwrap();
+    let mut got = [0u8; 7];
+    accepted.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"resumed");
+    drop((flow, accepted, d, a));
+
+    // A ticket does not outlive the dialer's trust: its authorizer runs on
+    // a resumed handshake as on any other.
+    let mut picky = dialer.clone();
+    picky.authorizer = Arc::new(PatternAuthorizer::new([
+        BlessingPattern::parse("carol").unwrap()
+    ]));
+    let (d, _a) = connect(picky, acceptor.clone()).await;
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotTrusted, "{err}");
+}
+
+#[tokio::test]
 async fn untrusted_acceptor_is_refused_before_the_dialer_reveals_itself() {
     let alice = Principal::with_self_blessing("alice").unwrap();
     let mallory = Principal::with_self_blessing("mallory").unwrap();

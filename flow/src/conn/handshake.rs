@@ -29,6 +29,9 @@ use flow_message::{Auth, BlessingsMsg, DischargesMsg, Message, Setup, VersionRan
 
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
 use super::config::ConnConfig;
+use super::resumption::{
+    self, SECRET_LEN, TICKET_ID_LEN, Ticket, TicketId, binding_mac, verify_binding_mac,
+};
 use super::state::{CONN_BLESSINGS_KEY, Established, NO_DISCHARGES_KEY, Role};
 use crate::auth::{AuthorizedPeer, PeerAuthorizer, PeerInfo};
 use crate::naming::Endpoint;
@@ -101,6 +104,8 @@ pub struct HandshakeDone {
     /// Sealed frames to write before any other (the acceptor's revealed
     /// blessings).
     pub frames_to_send: Vec<Bytes>,
+    /// The peer proved its key with a resumption ticket, not a signature.
+    pub resumed: bool,
 }
 
 fn noise_builder(suite: Suite) -> Result<snow::Builder<'static>> {
@@ -119,7 +124,11 @@ fn noise_err(what: &str, err: snow::Error) -> Error {
     )
 }
 
-fn local_setup(params: &HandshakeParams, remote: Option<&Endpoint>) -> Setup {
+fn local_setup(
+    params: &HandshakeParams,
+    remote: Option<&Endpoint>,
+    ticket: Option<&TicketId>,
+) -> Setup {
     let hidden_blessings = remote.is_none() && params.config.blessings_visible_to.is_some();
     Setup {
         hidden_blessings,
@@ -129,6 +138,7 @@ fn local_setup(params: &HandshakeParams, remote: Option<&Endpoint>) -> Setup {
         initial_window: Some(params.config.initial_window),
         peer_remote_endpoint: remote.map(ToString::to_string),
         peer_local_endpoint: Some(params.local_endpoint.to_string()),
+        ticket: ticket.map(|id| Bytes::copy_from_slice(id)),
         unknown_options: Vec::new(),
     }
 }
@@ -221,18 +231,23 @@ fn negotiate(params: &HandshakeParams, peer: &Setup) -> Result<(u32, usize)> {
 }
 
 /// The Blessings, Discharges and Auth messages binding `principal` to the
-/// channel whose handshake hash is `hash`.
+/// channel whose handshake hash is `hash`: its key and a signature over
+/// `tag || hash`, or, resuming with `ticket`, an HMAC of the same under
+/// the ticket's secret.
 fn binding_messages(
     principal: &Principal,
     blessings: &Blessings,
     discharges: &Discharges,
     tag: &[u8],
     hash: &[u8],
+    ticket: Option<&Ticket>,
 ) -> Vec<Message> {
-    let signature = principal.sign(&[tag, hash].concat());
     let mut binding = BytesMut::with_capacity(PUBLIC_KEY_LEN + SIGNATURE_LEN);
     binding.put_slice(principal.public_key().as_bytes());
-    binding.put_slice(signature.as_bytes());
+    match ticket {
+        Some(ticket) => binding.put_slice(&binding_mac(&ticket.secret, tag, hash)),
+        None => binding.put_slice(principal.sign(&[tag, hash].concat()).as_bytes()),
+    }
     let mut msgs = vec![Message::Blessings(BlessingsMsg {
         key: CONN_BLESSINGS_KEY,
         bytes: blessings.to_bytes(),
@@ -260,11 +275,19 @@ struct PeerIdentity {
     key: PublicKey,
     blessings: Blessings,
     discharges: Discharges,
+    /// The key was proven with a ticket's secret.
+    resumed: bool,
 }
 
 /// Reads the peer's Blessings, [Discharges] and Auth from the front of `r`
-/// and checks the signature over `tag || hash`.
-fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity> {
+/// and checks its proof over `tag || hash`: a signature, or an HMAC under
+/// `ticket`'s secret when this side resumes with it.
+fn read_binding(
+    r: &mut Reader,
+    tag: &[u8],
+    hash: &[u8],
+    ticket: Option<&Ticket>,
+) -> Result<PeerIdentity> {
     let mut blessings = None;
     let mut discharges = Discharges::new();
     loop {
@@ -286,11 +309,13 @@ fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity>
                 if auth.blessings_key != CONN_BLESSINGS_KEY {
                     return Err(Error::auth("peer's Auth names unknown blessings"));
                 }
-                let key = verify_binding(&auth.channel_binding, &blessings, tag, hash)?;
+                let (key, resumed) =
+                    verify_binding(&auth.channel_binding, &blessings, tag, hash, ticket)?;
                 return Ok(PeerIdentity {
                     key,
                     blessings,
                     discharges,
+                    resumed,
                 });
             }
             other => {
@@ -303,29 +328,56 @@ fn read_binding(r: &mut Reader, tag: &[u8], hash: &[u8]) -> Result<PeerIdentity>
     }
 }
 
-/// Checks a channel binding; returns the key it proves.
+/// Checks a channel binding; returns the key it proves and whether a
+/// ticket (rather than a signature) proved it.
 fn verify_binding(
     binding: &[u8],
     blessings: &Blessings,
     tag: &[u8],
     hash: &[u8],
-) -> Result<PublicKey> {
-    if binding.len() != PUBLIC_KEY_LEN + SIGNATURE_LEN {
-        return Err(Error::auth(format!(
-            "channel binding of {} bytes (want {})",
+    ticket: Option<&Ticket>,
+) -> Result<(PublicKey, bool)> {
+    let bad_length = || {
+        Error::auth(format!(
+            "channel binding of {} bytes (want {} with a signature, {} with a ticket)",
             binding.len(),
-            PUBLIC_KEY_LEN + SIGNATURE_LEN
-        )));
-    }
-    let mut key = [0u8; PUBLIC_KEY_LEN];
-    key.copy_from_slice(&binding[..PUBLIC_KEY_LEN]);
-    let key = PublicKey::from_bytes(&key)?;
-    let mut sig = [0u8; SIGNATURE_LEN];
-    sig.copy_from_slice(&binding[PUBLIC_KEY_LEN..]);
-    key.verify(&[tag, hash].concat(), &Signature(sig))
-        .map_err(|_| Error::auth("peer's channel binding signature does not verify"))?;
+            PUBLIC_KEY_LEN + SIGNATURE_LEN,
+            PUBLIC_KEY_LEN + SECRET_LEN
+        ))
+    };
+    let (key, proof) = binding
+        .split_first_chunk::<PUBLIC_KEY_LEN>()
+        .ok_or_else(bad_length)?;
+    let key = PublicKey::from_bytes(key)?;
+    let resumed = match (proof.len(), ticket) {
+        (SIGNATURE_LEN, _) => {
+            let mut sig = [0u8; SIGNATURE_LEN];
+            sig.copy_from_slice(proof);
+            key.verify(&[tag, hash].concat(), &Signature(sig))
+                .map_err(|_| Error::auth("peer's channel binding signature does not verify"))?;
+            false
+        }
+        (SECRET_LEN, Some(ticket)) => {
+            if key != ticket.peer_key {
+                return Err(Error::auth(format!(
+                    "peer resumed as key {key}, but the ticket was issued for {}",
+                    ticket.peer_key
+                )));
+            }
+            if !verify_binding_mac(&ticket.secret, tag, hash, proof) {
+                return Err(Error::auth("peer's resumption MAC does not verify"));
+            }
+            true
+        }
+        (SECRET_LEN, None) => {
+            return Err(Error::auth(
+                "peer bound the channel with a ticket this side does not resume with",
+            ));
+        }
+        _ => return Err(bad_length()),
+    };
     check_blessings_key(blessings, &key)?;
-    Ok(key)
+    Ok((key, resumed))
 }
 
 /// Blessings presented for `key` must be for `key` and well signed.
@@ -356,12 +408,22 @@ fn authorize(
     })
 }
 
+/// The frame ciphers of a finished Noise handshake, and the secret of the
+/// ticket `offered` on it (if any).
 fn split_keys(
     noise: &mut snow::HandshakeState,
     suite: Suite,
     role: Role,
-) -> Result<(FrameSealer, FrameOpener)> {
+    offered: Option<TicketId>,
+) -> Result<(FrameSealer, FrameOpener, Option<OfferedTicket>)> {
     let (initiator_key, responder_key) = noise.dangerously_get_raw_split();
+    let offered = match offered {
+        Some(id) => Some(OfferedTicket {
+            id,
+            secret: resumption::derive_secret(&initiator_key, &responder_key, &id)?,
+        }),
+        None => None,
+    };
     let (send, recv) = match role {
         Role::Dialer => (initiator_key, responder_key),
         Role::Acceptor => (responder_key, initiator_key),
@@ -369,7 +431,38 @@ fn split_keys(
     Ok((
         FrameSealer::new(suite, &send)?,
         FrameOpener::new(suite, &recv)?,
+        offered,
     ))
+}
+
+/// A ticket issued on this connection, kept once the peer's key is known.
+struct OfferedTicket {
+    id: TicketId,
+    secret: [u8; SECRET_LEN],
+}
+
+impl OfferedTicket {
+    fn into_ticket(self, peer_key: PublicKey, expires: Instant) -> Ticket {
+        Ticket {
+            id: self.id,
+            secret: self.secret,
+            peer_key,
+            expires,
+        }
+    }
+}
+
+/// A ticket id from a peer's `Setup`.
+fn ticket_id(setup: &Setup) -> Result<Option<TicketId>> {
+    match &setup.ticket {
+        None => Ok(None),
+        Some(bytes) => TicketId::try_from(&bytes[..]).map(Some).map_err(|_| {
+            Error::bad_arg(format!(
+                "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
+                bytes.len()
+            ))
+        }),
+    }
 }
 
 /// The dialing side of a handshake.
@@ -379,6 +472,8 @@ pub struct Dialer {
     suite: Suite,
     noise: snow::HandshakeState,
     sent_at: Instant,
+    /// The ticket named in the hello.
+    resume: Option<Ticket>,
     /// Filled by [`Dialer::on_response`].
     answer: Option<DialerAnswer>,
 }
@@ -391,6 +486,8 @@ struct DialerAnswer {
     hash: Vec<u8>,
     sealer: FrameSealer,
     opener: FrameOpener,
+    /// The acceptor's new ticket and when it expires.
+    offered: Option<(OfferedTicket, Instant)>,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -413,7 +510,16 @@ impl Dialer {
         let mut noise = noise_builder(suite)?
             .build_initiator()
             .map_err(|e| noise_err("initiator", e))?;
-        let payload = encode_setup(local_setup(&params, Some(&remote)));
+        let resume = params
+            .config
+            .resumption
+            .as_ref()
+            .and_then(|store| store.take_held(&remote.to_string(), now));
+        let payload = encode_setup(local_setup(
+            &params,
+            Some(&remote),
+            resume.as_ref().map(|t| &t.id),
+        ));
         let mut frame = vec![0u8; MAGIC.len() + 1 + NOISE_MAX];
         frame[..2].copy_from_slice(MAGIC);
         frame[2] = suite.id();
@@ -428,6 +534,7 @@ impl Dialer {
                 suite,
                 noise,
                 sent_at: now,
+                resume,
                 answer: None,
             },
             Bytes::from(frame),
@@ -448,8 +555,20 @@ impl Dialer {
         let setup = decode_setup(Bytes::from(payload))?;
         let (version, max_frame) = negotiate(&self.params, &setup)?;
         let hash = self.noise.get_handshake_hash().to_vec();
-        let (sealer, opener) = split_keys(&mut self.noise, self.suite, Role::Dialer)?;
+        let offered = match &self.params.config.resumption {
+            Some(_) => ticket_id(&setup)?,
+            None => None,
+        };
+        let (sealer, opener, offered) =
+            split_keys(&mut self.noise, self.suite, Role::Dialer, offered)?;
+        let lifetime = self
+            .params
+            .config
+            .resumption
+            .as_ref()
+            .map_or(Duration::ZERO, |store| store.lifetime());
         self.answer = Some(DialerAnswer {
+            offered: offered.map(|t| (t, now + lifetime)),
             setup,
             version,
             max_frame,
@@ -471,7 +590,9 @@ impl Dialer {
         };
         let (plain, _) = answer.opener.open(frame)?;
         let mut r = Reader::new(plain, "Frame");
-        let peer = read_binding(&mut r, ACCEPTOR_TAG, &answer.hash)?;
+        let peer = read_binding(&mut r, ACCEPTOR_TAG, &answer.hash, self.resume.as_ref())?;
+        // Resume only if the acceptor did (it may have forgotten the ticket).
+        let resume = self.resume.filter(|_| peer.resumed);
         if !r.is_empty() {
             return Err(Error::auth("acceptor sent more than its binding"));
         }
@@ -503,6 +624,7 @@ impl Dialer {
                 &discharges,
                 DIALER_TAG,
                 &answer.hash,
+                resume.as_ref(),
             );
             let mut plain = BytesMut::new();
             flow_message::encode_frame(&binding, &mut plain);
@@ -530,7 +652,16 @@ impl Dialer {
             &discharges,
             DIALER_TAG,
             &answer.hash,
+            resume.as_ref(),
         );
+        if let (Some(store), Some((ticket, expires))) =
+            (&self.params.config.resumption, answer.offered.take())
+        {
+            store.insert_held(
+                self.remote.to_string(),
+                ticket.into_ticket(peer.key, expires),
+            );
+        }
         Ok(DialerStep::Done(Box::new(dialer_done(
             self.params,
             answer,
@@ -574,6 +705,7 @@ fn dialer_done(
         authorized,
         leftover: None,
         frames_to_send: Vec::new(),
+        resumed: peer.resumed,
     }
 }
 
@@ -646,6 +778,7 @@ impl DialerRevealWait {
             key: self.acceptor_key,
             blessings,
             discharges,
+            resumed: false,
         };
         let authorized = authorize(&self.params, &self.remote_endpoint, &peer, wall)?;
         Ok(dialer_done(
@@ -676,6 +809,10 @@ struct AcceptorAnswer {
     opener: FrameOpener,
     blessings: Blessings,
     discharges: Discharges,
+    /// The ticket the dialer redeemed.
+    resume: Option<Ticket>,
+    /// The ticket issued on this connection.
+    offered: Option<OfferedTicket>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -716,14 +853,25 @@ impl Acceptor {
         payload.truncate(n);
         let setup = decode_setup(Bytes::from(payload))?;
         let (version, max_frame) = negotiate(&self.params, &setup)?;
-        let our_setup = encode_setup(local_setup(&self.params, None));
+        // An acceptor hiding its blessings neither issues nor redeems
+        // tickets: its binding must not prove anything before the dialer's.
+        let store = match &self.params.config.blessings_visible_to {
+            None => self.params.config.resumption.as_ref(),
+            Some(_) => None,
+        };
+        let resume = match (store, ticket_id(&setup)?) {
+            (Some(store), Some(id)) => store.redeem(&id, now),
+            _ => None,
+        };
+        let offered = store.map(|_| resumption::new_ticket_id());
+        let our_setup = encode_setup(local_setup(&self.params, None, offered.as_ref()));
         let mut answer = vec![0u8; NOISE_MAX];
         let n = noise
             .write_message(&our_setup, &mut answer)
             .map_err(|e| noise_err("writing the answer", e))?;
         answer.truncate(n);
         let hash = noise.get_handshake_hash().to_vec();
-        let (mut sealer, opener) = split_keys(&mut noise, suite, Role::Acceptor)?;
+        let (mut sealer, opener, offered) = split_keys(&mut noise, suite, Role::Acceptor, offered)?;
         let (blessings, discharges) = self
             .params
             .authorizer
@@ -736,6 +884,7 @@ impl Acceptor {
                 &Discharges::new(),
                 ACCEPTOR_TAG,
                 &hash,
+                None,
             )
         } else {
             binding_messages(
@@ -744,6 +893,7 @@ impl Acceptor {
                 &discharges,
                 ACCEPTOR_TAG,
                 &hash,
+                resume.as_ref(),
             )
         };
         let mut plain = BytesMut::new();
@@ -759,6 +909,8 @@ impl Acceptor {
             opener,
             blessings,
             discharges,
+            resume,
+            offered,
         });
         Ok([Bytes::from(answer), binding_frame])
     }
@@ -778,7 +930,7 @@ impl Acceptor {
         };
         let (plain, encrypted_len) = answer.opener.open(frame)?;
         let mut r = Reader::new(plain.clone(), "Frame");
-        let peer = read_binding(&mut r, DIALER_TAG, &answer.hash)?;
+        let peer = read_binding(&mut r, DIALER_TAG, &answer.hash, answer.resume.as_ref())?;
         let consumed = r.position();
         let announced =
             parse_endpoint(answer.setup.peer_local_endpoint.as_ref(), "local endpoint")?;
@@ -825,6 +977,9 @@ impl Acceptor {
             flow_message::encode_frame(&msgs, &mut plain);
             frames_to_send.push(answer.sealer.seal_to_bytes(&plain)?);
         }
+        if let (Some(store), Some(ticket)) = (&self.params.config.resumption, answer.offered) {
+            store.insert_issued(ticket.into_ticket(peer.key, now + store.lifetime()));
+        }
         Ok(HandshakeDone {
             established: Established {
                 role: Role::Acceptor,
@@ -847,6 +1002,7 @@ impl Acceptor {
             authorized,
             leftover,
             frames_to_send,
+            resumed: peer.resumed,
         })
     }
 }

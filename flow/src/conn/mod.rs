@@ -7,6 +7,7 @@
 //! - `flow_control`: window and credit accounting.
 //! - `driver`: the tokio reader and writer tasks; [`Conn`].
 //! - `flow`: the application's [`Flow`] handle.
+//! - [`resumption`]: tickets letting a returning dialer skip signatures.
 //! - [`config`]: tunables and limits.
 
 mod chunk;
@@ -16,6 +17,7 @@ mod driver;
 mod flow;
 mod flow_control;
 pub mod handshake;
+pub mod resumption;
 pub mod state;
 
 pub use cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
@@ -23,12 +25,15 @@ pub use config::ConnConfig;
 pub use driver::Conn;
 pub use flow::{Flow, FlowReader, FlowWriter};
 pub use handshake::{HandshakeDone, HandshakeParams};
+pub use resumption::TicketStore;
 pub use state::{
     BuiltFrame, CONN_BLESSINGS_KEY, ConnState, ConnStats, Established, FlowId, FlowOptions, Role,
 };
 
 #[cfg(test)]
 mod driver_tests;
+#[cfg(test)]
+mod resumption_tests;
 #[cfg(test)]
 mod state_tests;
 #[cfg(test)]

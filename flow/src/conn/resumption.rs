@@ -1,0 +1,295 @@
+//! Resumption: a returning dialer proves itself with a shared secret from
+//! its last connection instead of signatures.
+//!
+//! At the end of every handshake the acceptor issues a ticket: a random id,
+//! sent inside its (encrypted) `Setup`, and a secret both sides derive from
+//! that connection's keys and the id. Each side remembers the ticket with
+//! the key the peer proved in that handshake: the acceptor under the id, the
+//! dialer under the endpoint it dialed. When the dialer dials that endpoint
+//! again it names the ticket in its hello; if the acceptor still holds it,
+//! both sides bind the new channel with an HMAC under the secret instead of
+//! an ed25519 signature, and each checks that the peer's blessings are for
+//! the key recorded with the ticket. Blessings, discharges and authorizers
+//! are checked exactly as in a full handshake. A ticket is good for one
+//! connection (the acceptor forgets it when it is named, the dialer when it
+//! names it); the resumed connection issues the next. An unknown, expired
+//! or forgotten ticket costs nothing: the acceptor signs as usual and the
+//! dialer follows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ring::{hkdf, hmac};
+
+use crate::security::PublicKey;
+use crate::{Error, Result};
+
+/// Bytes of a ticket's id.
+pub const TICKET_ID_LEN: usize = 16;
+/// Bytes of a ticket's secret and of a binding MAC.
+pub const SECRET_LEN: usize = 32;
+
+/// What the secret of a ticket is derived with (HKDF info).
+const SECRET_INFO: &[u8] = b"flow/v1 resumption secret";
+
+/// A ticket's id, as it travels in `Setup`.
+pub type TicketId = [u8; TICKET_ID_LEN];
+
+/// A ticket as either side keeps it.
+#[derive(Clone)]
+pub struct Ticket {
+    /// The id the dialer names.
+    pub id: TicketId,
+    /// The secret shared by the two ends of the connection that issued it.
+    pub secret: [u8; SECRET_LEN],
+    /// The key the peer proved when the ticket was issued.
+    pub peer_key: PublicKey,
+    /// When the ticket stops being honoured.
+    pub expires: Instant,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("Ticket")
+            .field("peer_key", &self.peer_key)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new random ticket id.
+pub fn new_ticket_id() -> TicketId {
+    rand::random()
+}
+
+/// The ticket secret for `id` on the connection whose split keys are
+/// `initiator_key` and `responder_key` (HKDF-SHA256, the id as salt).
+pub fn derive_secret(
+    initiator_key: &[u8],
+    responder_key: &[u8],
+    id: &TicketId,
+) -> Result<[u8; SECRET_LEN]> {
+    struct Len;
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            SECRET_LEN
+        }
+    }
+    let prk =
+        hkdf::Salt::new(hkdf::HKDF_SHA256, id).extract(&[initiator_key, responder_key].concat());
+    let mut secret = [0u8; SECRET_LEN];
+    prk.expand(&[SECRET_INFO], Len)
+        .and_then(|okm| okm.fill(&mut secret))
+        .map_err(|_| Error::bad_state("deriving a resumption secret failed"))?;
+    Ok(secret)
+}
+
+/// The MAC binding a channel (`tag || hash`) under a ticket's secret.
+pub fn binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8]) -> [u8; SECRET_LEN] {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(tag);
+    ctx.update(hash);
+    let mut mac = [0u8; SECRET_LEN];
+    mac.copy_from_slice(ctx.sign().as_ref());
+    mac
+}
+
+/// Whether `mac` binds `tag || hash` under `secret` (constant time).
+pub fn verify_binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8], mac: &[u8]) -> bool {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    hmac::verify(&key, &[tag, hash].concat(), mac).is_ok()
+}
+
+/// The tickets a side has issued (as acceptor) and holds (as dialer),
+/// bounded in number and age. Share one store (it sits in
+/// [`ConnConfig::resumption`](super::ConnConfig::resumption)) among the
+/// connections that should resume each other.
+pub struct TicketStore {
+    capacity: usize,
+    lifetime: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    issued: Bounded<TicketId>,
+    held: Bounded<String>,
+}
+
+/// A map forgetting its oldest entries past a capacity.
+struct Bounded<K> {
+    map: HashMap<K, Ticket>,
+    /// Keys in insertion order; may name entries already taken.
+    order: VecDeque<K>,
+}
+
+impl<K> Default for Bounded<K> {
+    fn default() -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Bounded<K> {
+    fn insert(&mut self, key: K, ticket: Ticket, capacity: usize) {
+        if capacity == 0 {
+            return;
+        }
+        if self.map.insert(key.clone(), ticket).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > capacity {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.map.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        // Keys of taken entries linger in `order`; drop them before they
+        // outnumber the live ones.
+        if self.order.len() > 2 * capacity {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    fn take(&mut self, key: &K, now: Instant) -> Option<Ticket> {
+        self.map.remove(key).filter(|t| t.expires > now)
+    }
+}
+
+impl TicketStore {
+    /// A store keeping at most `capacity` tickets of each kind, honoured for
+    /// `lifetime` after they are issued.
+    pub fn new(capacity: usize, lifetime: Duration) -> TicketStore {
+        TicketStore {
+            capacity,
+            lifetime,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// How long a ticket is honoured.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Acceptor: remembers a ticket issued to a dialer.
+    pub fn insert_issued(&self, ticket: Ticket) {
+        self.inner().issued.insert(ticket.id, ticket, self.capacity);
+    }
+
+    /// Acceptor: takes the ticket a dialer names, if it is known and alive.
+    pub fn redeem(&self, id: &TicketId, now: Instant) -> Option<Ticket> {
+        self.inner().issued.take(id, now)
+    }
+
+    /// Dialer: remembers the ticket an acceptor at `endpoint` issued.
+    pub fn insert_held(&self, endpoint: String, ticket: Ticket) {
+        self.inner().held.insert(endpoint, ticket, self.capacity);
+    }
+
+    /// Dialer: takes the ticket held for `endpoint`, if it is alive.
+    pub fn take_held(&self, endpoint: &str, now: Instant) -> Option<Ticket> {
+        self.inner().held.take(&endpoint.to_string(), now)
+    }
+
+    /// Tickets issued and held now (including expired ones not yet taken).
+    pub fn len(&self) -> (usize, usize) {
+        let inner = self.inner();
+        (inner.issued.map.len(), inner.held.map.len())
+    }
+}
+
+impl Default for TicketStore {
+    /// 4,096 tickets of each kind, each honoured for an hour.
+    fn default() -> Self {
+        TicketStore::new(4096, Duration::from_secs(3600))
+    }
+}
+
+impl std::fmt::Debug for TicketStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (issued, held) = self.len();
+        f.debug_struct("TicketStore")
+            .field("capacity", &self.capacity)
+            .field("lifetime", &self.lifetime)
+            .field("issued", &issued)
+            .field("held", &held)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::Principal;
+
+    fn ticket(id: u8, expires: Instant) -> Ticket {
+        Ticket {
+            id: [id; TICKET_ID_LEN],
+            secret: [id; SECRET_LEN],
+            peer_key: Principal::new().public_key(),
+            expires,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_redeemed_once_and_not_after_it_expires() {
+        let store = TicketStore::new(8, Duration::from_secs(60));
+        let now = Instant::now();
+        store.insert_issued(ticket(1, now + Duration::from_secs(60)));
+        store.insert_issued(ticket(2, now + Duration::from_secs(1)));
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_some());
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_none());
+        let later = now + Duration::from_secs(2);
+        assert!(store.redeem(&[2; TICKET_ID_LEN], later).is_none());
+        assert_eq!(store.len(), (0, 0));
+    }
+
+    #[test]
+    fn the_store_keeps_at_most_its_capacity_forgetting_the_oldest() {
+        let store = TicketStore::new(4, Duration::from_secs(60));
+        let now = Instant::now();
+        let expires = now + Duration::from_secs(60);
+        for i in 0..10 {
+            store.insert_issued(ticket(i, expires));
+            store.insert_held(format!("ep{i}"), ticket(i, expires));
+        }
+        assert_eq!(store.len(), (4, 4));
+        assert!(store.redeem(&[5; TICKET_ID_LEN], now).is_none());
+        assert!(store.redeem(&[6; TICKET_ID_LEN], now).is_some());
+        assert!(store.take_held("ep5", now).is_none());
+        assert!(store.take_held("ep9", now).is_some());
+        // Taking and issuing forever keeps the bookkeeping bounded too.
+        for i in 0..1000u32 {
+            let id = (i % 200) as u8;
+            store.insert_issued(ticket(id, expires));
+            store.redeem(&[id; TICKET_ID_LEN], now);
+        }
+        assert!(store.inner().issued.order.len() <= 8);
+    }
+
+    #[test]
+    fn the_mac_binds_tag_hash_and_secret() {
+        let derive = |a: u8, b: u8, id: u8| derive_secret(&[a; 32], &[b; 32], &[id; 16]).unwrap();
+        let secret = derive(1, 2, 3);
+        assert_ne!(secret, derive(1, 2, 4));
+        assert_ne!(secret, derive(2, 1, 3));
+        let mac = binding_mac(&secret, b"tag", b"hash");
+        assert!(verify_binding_mac(&secret, b"tag", b"hash", &mac));
+        assert!(!verify_binding_mac(&secret, b"tag", b"hasi", &mac));
+        assert!(!verify_binding_mac(&secret, b"taf", b"hash", &mac));
+        assert!(!verify_binding_mac(&[0; SECRET_LEN], b"tag", b"hash", &mac));
+    }
+}

@@ -1,0 +1,265 @@
+//! Resumption end to end through the sans-I/O handshake: tickets issued,
+//! redeemed once, forgotten, stolen and expired.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use flow_message::Message;
+
+use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone};
+use super::resumption::TicketStore;
+use super::*;
+use crate::auth::AllowEveryone;
+use crate::naming::{Endpoint, RoutingId};
+use crate::security::Principal;
+use crate::{Error, ErrorKind, Result};
+
+/// One side: its principal and its configuration (and so its ticket store).
+struct Side {
+    principal: Principal,
+    config: ConnConfig,
+}
+
+impl Side {
+    fn new(name: &str) -> Side {
+        Side {
+            principal: Principal::with_self_blessing(name).unwrap(),
+            config: ConnConfig::default(),
+        }
+    }
+
+    fn params(&self) -> HandshakeParams {
+        HandshakeParams {
+            config: self.config.clone(),
+            principal: self.principal.clone(),
+            authorizer: Arc::new(AllowEveryone),
+            local_endpoint: Endpoint::new("test", "local").with_routing_id(RoutingId::random()),
+            transport_max_frame: 1 << 20,
+        }
+    }
+
+    fn store(&self) -> &TicketStore {
+        self.config.resumption.as_deref().unwrap()
+    }
+}
+
+fn remote() -> Endpoint {
+    Endpoint::new("test", "acceptor")
+}
+
+/// Runs a whole handshake at `now`; the dialer's binding frame passes
+/// through `tamper` on its way to the acceptor.
+fn handshake_with(
+    dialer: &Side,
+    acceptor: &Side,
+    now: Instant,
+    tamper: impl FnOnce(&mut Vec<Message>),
+) -> (Result<HandshakeDone>, Result<HandshakeDone>) {
+    let wall = SystemTime::now();
+    let (mut d, hello) = Dialer::start(dialer.params(), remote(), now).unwrap();
+    let mut a = Acceptor::new(acceptor.params());
+    let [answer, binding] = match a.on_hello(BytesMut::from(&hello[..]), now) {
+        Ok(frames) => frames,
+        Err(e) => return (Err(Error::network("acceptor failed")), Err(e)),
+    };
+    d.on_response(BytesMut::from(&answer[..]), now).unwrap();
+    let mut done = match d.on_binding(BytesMut::from(&binding[..]), wall) {
+        Ok(DialerStep::Done(done)) => *done,
+        Ok(DialerStep::Reveal { .. }) => panic!("no acceptor here hides"),
+        Err(e) => return (Err(e), Err(Error::network("dialer failed"))),
+    };
+    let mut messages = std::mem::take(&mut done.initial_messages);
+    tamper(&mut messages);
+    let mut plain = BytesMut::new();
+    flow_message::encode_frame(&messages, &mut plain);
+    let frame = done.sealer.seal_to_bytes(&plain).unwrap();
+    let accepted = a
+        .on_binding(BytesMut::from(&frame[..]), now, wall, "dialer")
+        .map_err(|refusal| refusal.error);
+    (Ok(done), accepted)
+}
+
+fn handshake(dialer: &Side, acceptor: &Side, now: Instant) -> (HandshakeDone, HandshakeDone) {
+    let (d, a) = handshake_with(dialer, acceptor, now, |_| {});
+    (d.unwrap(), a.unwrap())
+}
+
+/// The proof in the Auth message of a binding: a 64-byte signature or a
+/// 32-byte MAC after the 32-byte key.
+fn proof_len(messages: &[Message]) -> usize {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            Message::Auth(auth) => Some(auth.channel_binding.len() - 32),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_returning_dialer_resumes_and_each_ticket_is_good_once() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    let (d, a) = handshake(&alice, &bob, now);
+    assert!(!d.resumed && !a.resumed, "the first handshake signs");
+    assert_eq!(alice.store().len(), (0, 1));
+    assert_eq!(bob.store().len(), (1, 0));
+
+    let mut seen = 0;
+    let (d, a) = handshake_with(&alice, &bob, now, |m| seen = proof_len(m));
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert!(d.resumed && a.resumed, "the second handshake resumes");
+    assert_eq!(seen, 32, "the dialer bound the channel with a MAC");
+    assert_eq!(
+        d.established.remote_blessings,
+        a.established.local_blessings
+    );
+    assert_eq!(
+        a.established.remote_blessings,
+        d.established.local_blessings
+    );
+    // The resumed connection issued the next ticket; the used one is gone.
+    assert_eq!(alice.store().len(), (0, 1));
+    assert_eq!(bob.store().len(), (1, 0));
+    let (d, a) = handshake(&alice, &bob, now);
+    assert!(
+        d.resumed && a.resumed,
+        "and so does the third, with a new ticket"
+    );
+}
+
+#[test]
+fn an_acceptor_that_forgot_the_ticket_signs_and_the_dialer_follows() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    // bob restarts: a new store knows nothing of alice's ticket.
+    let bob = Side {
+        principal: bob.principal.clone(),
+        config: ConnConfig::default(),
+    };
+    let mut seen = 0;
+    let (d, a) = handshake_with(&alice, &bob, now, |m| seen = proof_len(m));
+    let (d, a) = (d.unwrap(), a.unwrap());
+    assert!(!d.resumed && !a.resumed);
+    assert_eq!(seen, 64, "the dialer signed");
+    // And the fresh handshake issued a ticket for the next time.
+    assert!(handshake(&alice, &bob, now).0.resumed);
+}
+
+#[test]
+fn expired_tickets_are_not_honoured() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    let later = now + bob.store().lifetime() + Duration::from_secs(1);
+    let (d, a) = handshake(&alice, &bob, later);
+    assert!(!d.resumed && !a.resumed);
+}
+
+#[test]
+fn a_ticket_id_without_its_secret_resumes_nothing() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    // mallory learns alice's ticket id (it travels in the clear) but not
+    // its secret: she cannot check bob's MAC, so her dialer gives up, and
+    // the ticket is spent.
+    let mallory = Side::new("mallory");
+    let mut stolen = alice.store().take_held(&remote().to_string(), now).unwrap();
+    alice
+        .store()
+        .insert_held(remote().to_string(), stolen.clone());
+    stolen.secret = [0; 32];
+    mallory.store().insert_held(remote().to_string(), stolen);
+    let (d, _a) = handshake_with(&mallory, &bob, now, |_| {});
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("MAC"), "{err}");
+    let (d, a) = handshake(&alice, &bob, now);
+    assert!(!d.resumed && !a.resumed, "the named ticket was spent");
+}
+
+#[test]
+fn a_ticket_proves_only_the_key_it_was_issued_for() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    // Even holding the whole ticket, mallory cannot resume as herself: the
+    // ticket names alice's key.
+    let mallory = Side::new("mallory");
+    let stolen = alice.store().take_held(&remote().to_string(), now).unwrap();
+    mallory.store().insert_held(remote().to_string(), stolen);
+    let (d, a) = handshake_with(&mallory, &bob, now, |_| {});
+    assert!(d.unwrap().resumed, "bob proved himself with the ticket");
+    let err = a.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("issued for"), "{err}");
+}
+
+#[test]
+fn a_mac_under_the_wrong_secret_is_refused_by_either_side() {
+    let now = Instant::now();
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    handshake(&alice, &bob, now);
+    // alice's held ticket with its secret damaged: bob's MAC fails at alice.
+    let mut ticket = alice.store().take_held(&remote().to_string(), now).unwrap();
+    ticket.secret[0] ^= 1;
+    alice.store().insert_held(remote().to_string(), ticket);
+    let (d, _a) = handshake_with(&alice, &bob, now, |_| {});
+    let err = d.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("MAC"), "{err}");
+
+    // carol's MAC damaged on the way: dave refuses it.
+    let (carol, dave) = (Side::new("carol"), Side::new("dave"));
+    handshake(&carol, &dave, now);
+    let (d, a) = handshake_with(&carol, &dave, now, |messages| {
+        for m in messages.iter_mut() {
+            if let Message::Auth(auth) = m {
+                let mut forged = auth.channel_binding.to_vec();
+                if let Some(last) = forged.last_mut() {
+                    *last ^= 1;
+                }
+                auth.channel_binding = forged.into();
+            }
+        }
+    });
+    assert!(d.unwrap().resumed);
+    let err = a.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("MAC"), "{err}");
+}
+
+#[test]
+fn a_peer_binding_with_a_mac_when_nobody_resumes_is_refused() {
+    let now = Instant::now();
+    let (erin, frank) = (Side::new("erin"), Side::new("frank"));
+    let (_d, a) = handshake_with(&erin, &frank, now, |messages| {
+        for m in messages.iter_mut() {
+            if let Message::Auth(auth) = m {
+                auth.channel_binding = auth.channel_binding.slice(..64);
+            }
+        }
+    });
+    let err = a.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.message().contains("ticket"), "{err}");
+}
+
+#[test]
+fn without_a_store_nothing_is_issued_or_redeemed() {
+    let mut alice = Side::new("alice");
+    alice.config.resumption = None;
+    let bob = Side::new("bob");
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    // bob issued a ticket, alice did not keep it.
+    let (d, a) = handshake(&alice, &bob, now);
+    assert!(!d.resumed && !a.resumed);
+    assert_eq!(bob.store().len().0, 2, "bob issues on each connection");
+    let (_, hello) = Dialer::start(alice.params(), remote(), now).unwrap();
+    let setup = super::handshake::peek_hello(&hello).unwrap();
+    assert!(setup.ticket.is_none());
+}
