@@ -107,6 +107,24 @@ async fn handshake_over_tcp_binds_identities_both_ways() {
     assert_eq!(accepted.conn(), &a);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_over_tcp_resumes_with_the_last_connections_ticket() {
+    let server = principal("server");
+    let client = principal("client");
+    let mut test_server = TestServer::start(params(&server)).await;
+    let dialer = params(&client);
+    let mut resumed = Vec::new();
+    for _ in 0..4 {
+        let (d, a) = test_server.connect(dialer.clone()).await;
+        assert_eq!(d.resumed(), a.resumed());
+        assert_eq!(a.remote_blessings().names(), vec!["client".to_string()]);
+        assert_eq!(d.remote_blessings().names(), vec!["server".to_string()]);
+        resumed.push(d.resumed());
+        drop((d, a));
+    }
+    assert_eq!(resumed, [false, true, true, true]);
+}
+
 #[tokio::test]
 async fn dialer_refuses_an_untrusted_acceptor_before_revealing_itself() {
     let mut srv = TestServer::start(params(&principal("mallory"))).await;

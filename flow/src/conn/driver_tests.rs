@@ -290,6 +290,30 @@ async fn closing_the_connection_reaches_the_peer_with_its_reason() {
 }
 
 #[tokio::test]
+async fn a_dialer_closing_at_once_still_completes_its_handshake() {
+    let alice = Principal::with_self_blessing("alice").unwrap();
+    let bob = Principal::with_self_blessing("bob").unwrap();
+    let (a_end, b_end) = pipe();
+    let dial = async {
+        let conn = Conn::dial(
+            a_end,
+            params(&alice, Arc::new(AllowEveryone)),
+            Endpoint::new("test", "acceptor"),
+        )
+        .await
+        .unwrap();
+        // Before the writer task has sent the channel binding.
+        conn.close("done already");
+        conn
+    };
+    let (_d, a) = tokio::join!(dial, Conn::accept(b_end, params(&bob, Arc::new(AllowEveryone))));
+    let a = a.expect("the acceptor sees the binding, then the TearDown");
+    assert_eq!(a.remote_blessings().names(), vec!["alice".to_string()]);
+    let reason = within(a.closed()).await;
+    assert!(reason.message().contains("done already"), "{reason}");
+}
+
+#[tokio::test]
 async fn flow_closed_resolves_when_both_sides_are_done() {
     let (d, a) = pair().await;
     let mut flow = d.open_flow(FlowOptions::default()).unwrap();

@@ -321,6 +321,11 @@ pub struct ConnState {
     /// grant must still reach the peer: it returns its shared tokens).
     orphan_releases: Vec<Release>,
     control: VecDeque<Message>,
+    /// How many messages at the front of `control` came from
+    /// [`ConnState::send_first`] and are not sent yet: they survive a close
+    /// (a dialer closing at once still completes its channel binding, so the
+    /// acceptor sees a well-formed handshake and then the `TearDown`).
+    unsent_first: usize,
     /// Allocations of sent chunks, for the next writes.
     spare_buffers: Vec<BytesMut>,
     health_response_due: bool,
@@ -409,6 +414,7 @@ impl ConnState {
             release_queue: VecDeque::new(),
             orphan_releases: Vec::new(),
             control: VecDeque::new(),
+            unsent_first: 0,
             spare_buffers: Vec::new(),
             health_response_due: false,
             writer_waker: WriterWaker::default(),
@@ -612,6 +618,7 @@ impl ConnState {
     /// Queues `msgs` to go out before anything else (the dialer's channel
     /// binding, so it shares a frame with the first flow's bytes).
     pub fn send_first(&mut self, msgs: Vec<Message>) {
+        self.unsent_first += msgs.len();
         for msg in msgs.into_iter().rev() {
             self.control.push_front(msg);
         }
@@ -626,7 +633,7 @@ impl ConnState {
         }
         tracing::debug!(error = %err, "connection closing");
         self.error = Some(err);
-        self.control.clear();
+        self.control.truncate(self.unsent_first);
         self.ready.clear();
         self.release_queue.clear();
         self.orphan_releases.clear();
@@ -1054,6 +1061,7 @@ impl ConnState {
                 msg.encode(buf);
                 self.stats.messages_sent += 1;
             }
+            self.unsent_first = 0;
             self.lifecycle = Lifecycle::Closed;
             return self.finish_frame(buf, None);
         }
@@ -1073,6 +1081,7 @@ impl ConnState {
             if let Some(msg) = self.control.pop_front() {
                 msg.encode(buf);
                 self.stats.messages_sent += 1;
+                self.unsent_first = self.unsent_first.saturating_sub(1);
             }
         }
         if self.health_response_due && buf.len() < max {

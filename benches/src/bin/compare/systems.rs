@@ -108,6 +108,11 @@ impl System {
         !matches!(self, System::Yamux | System::Tcp)
     }
 
+    /// Whether the system is flow itself (over any transport).
+    pub(crate) fn is_flow(self) -> bool {
+        matches!(self, System::FlowTcp | System::FlowUnix)
+    }
+
     fn flow_protocol(self) -> &'static str {
         match self {
             System::FlowUnix => "unix",
@@ -480,6 +485,13 @@ impl Dialer {
             quic,
             max_streams,
         })
+    }
+
+    /// The same dialer keeping no resumption tickets (flow): every
+    /// handshake signs and verifies, as the first one to a server does.
+    pub(crate) fn without_resumption(mut self) -> Dialer {
+        self.flow_params.config.resumption = None;
+        self
     }
 
     /// Connects (and authenticates, where the system does) to `addr`.
