@@ -306,7 +306,10 @@ async fn a_dialer_closing_at_once_still_completes_its_handshake() {
         conn.close("done already");
         conn
     };
-    let (_d, a) = tokio::join!(dial, Conn::accept(b_end, params(&bob, Arc::new(AllowEveryone))));
+    let (_d, a) = tokio::join!(
+        dial,
+        Conn::accept(b_end, params(&bob, Arc::new(AllowEveryone)))
+    );
     let a = a.expect("the acceptor sees the binding, then the TearDown");
     assert_eq!(a.remote_blessings().names(), vec!["alice".to_string()]);
     let reason = within(a.closed()).await;

@@ -113,7 +113,10 @@ fn noise_builder(suite: Suite) -> Result<snow::Builder<'static>> {
         .noise_pattern()
         .parse()
         .map_err(|e| Error::with_source(ErrorKind::BadState, "noise pattern", e))?;
-    Ok(snow::Builder::new(params))
+    Ok(snow::Builder::with_resolver(
+        params,
+        super::noise_dh::resolver(),
+    ))
 }
 
 fn noise_err(what: &str, err: snow::Error) -> Error {
@@ -179,6 +182,15 @@ fn parse_endpoint(s: Option<&String>, field: &str) -> Result<Option<Endpoint>> {
 
 /// Bytes of the Noise ephemeral key at the start of the dialer's hello.
 const NOISE_E_LEN: usize = 32;
+/// Bytes of the tag on an encrypted Noise payload.
+const NOISE_TAG_LEN: usize = 16;
+
+/// Room for a Noise NN message carrying `payload_len` bytes: the ephemeral
+/// key and the payload with its tag (the first message has none; a few
+/// bytes spare are cheaper than a 64 KiB buffer zeroed per handshake).
+fn noise_message_len(payload_len: usize) -> usize {
+    (NOISE_E_LEN + payload_len + NOISE_TAG_LEN).min(NOISE_MAX)
+}
 
 /// Whether `frame` is a dialer's first handshake frame.
 pub fn is_hello(frame: &[u8]) -> bool {
@@ -520,7 +532,7 @@ impl Dialer {
             Some(&remote),
             resume.as_ref().map(|t| &t.id),
         ));
-        let mut frame = vec![0u8; MAGIC.len() + 1 + NOISE_MAX];
+        let mut frame = vec![0u8; MAGIC.len() + 1 + noise_message_len(payload.len())];
         frame[..2].copy_from_slice(MAGIC);
         frame[2] = suite.id();
         let n = noise
@@ -865,7 +877,7 @@ impl Acceptor {
         };
         let offered = store.map(|_| resumption::new_ticket_id());
         let our_setup = encode_setup(local_setup(&self.params, None, offered.as_ref()));
-        let mut answer = vec![0u8; NOISE_MAX];
+        let mut answer = vec![0u8; noise_message_len(our_setup.len())];
         let n = noise
             .write_message(&our_setup, &mut answer)
             .map_err(|e| noise_err("writing the answer", e))?;

@@ -4,6 +4,7 @@
 //! - [`state`]: the sans-I/O multiplexer (flow table, flow control, write
 //!   scheduling, health checks, lame duck, teardown).
 //! - `cipher`: sealing and opening frames in place after the handshake.
+//! - `noise_dh`: X25519 from ring for the Noise handshake.
 //! - `flow_control`: window and credit accounting.
 //! - `driver`: the tokio reader and writer tasks; [`Conn`].
 //! - `flow`: the application's [`Flow`] handle.
@@ -17,6 +18,7 @@ mod driver;
 mod flow;
 mod flow_control;
 pub mod handshake;
+mod noise_dh;
 pub mod resumption;
 pub mod state;
 

@@ -1,0 +1,211 @@
+//! X25519 for the Noise handshake from `ring`.
+//!
+//! snow's own X25519 (curve25519-dalek without precomputed tables) makes a
+//! key pair with a variable-base multiplication and runs its ladder on the
+//! portable backend; ring's base-point tables and assembly do a key pair
+//! plus an agreement in about 60 µs against about 85 here (`RESULTS.md`,
+//! "Resumption"). Four of those sit on the critical path of every
+//! connection setup.
+//!
+//! ring never exports a private key and uses each for one agreement only,
+//! which is exactly what an ephemeral key in Noise NN is: this `Dh` serves
+//! `e` and nothing else. Setting a private key (a static `s`, or a fixed
+//! ephemeral key) leaves it without one, so a later agreement fails with
+//! [`snow::Error::Dh`] instead of silently using another key.
+
+use std::sync::{Mutex, PoisonError};
+
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::rand::SystemRandom;
+use snow::params::{CipherChoice, DHChoice, HashChoice};
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
+
+/// Bytes of an X25519 key and shared secret.
+const KEY_LEN: usize = 32;
+
+/// The resolver the handshake builds its Noise state with: X25519 from
+/// [`EphemeralX25519`], ciphers and hashes from snow's ring resolver, the
+/// rest from snow's default one.
+pub(crate) fn resolver() -> snow::resolvers::BoxedCryptoResolver {
+    Box::new(FallbackResolver::new(
+        Box::new(EphemeralX25519Resolver),
+        Box::new(FallbackResolver::new(
+            Box::new(RingResolver),
+            Box::new(DefaultResolver),
+        )),
+    ))
+}
+
+struct EphemeralX25519Resolver;
+
+impl CryptoResolver for EphemeralX25519Resolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        None
+    }
+
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        match choice {
+            DHChoice::Curve25519 => Some(Box::new(EphemeralX25519::default())),
+            _ => None,
+        }
+    }
+
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+
+    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        None
+    }
+}
+
+/// A one-shot X25519 key pair held by ring.
+#[derive(Default)]
+struct EphemeralX25519 {
+    /// Taken by the one agreement it may take part in.
+    private: Mutex<Option<EphemeralPrivateKey>>,
+    public: [u8; KEY_LEN],
+}
+
+impl Dh for EphemeralX25519 {
+    fn name(&self) -> &'static str {
+        "25519"
+    }
+
+    fn pub_len(&self) -> usize {
+        KEY_LEN
+    }
+
+    fn priv_len(&self) -> usize {
+        KEY_LEN
+    }
+
+    fn set(&mut self, _privkey: &[u8]) {
+        // ring cannot import a private key: forget any key instead, so
+        // that an agreement with the key snow meant to set fails.
+        *self
+            .private
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.public = [0; KEY_LEN];
+    }
+
+    fn generate(&mut self, _rng: &mut dyn Random) -> Result<(), snow::Error> {
+        // ring draws from the operating system itself.
+        let private = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new())
+            .map_err(|_| snow::Error::Rng)?;
+        let public = private.compute_public_key().map_err(|_| snow::Error::Rng)?;
+        self.public.copy_from_slice(public.as_ref());
+        *self
+            .private
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Some(private);
+        Ok(())
+    }
+
+    fn pubkey(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn privkey(&self) -> &[u8] {
+        // Never leaves ring.
+        &[]
+    }
+
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        let private = self
+            .private
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or(snow::Error::Dh)?;
+        // snow hands over keys and output in buffers sized for its largest
+        // curve: use the first 32 bytes of each.
+        let pubkey = pubkey.get(..KEY_LEN).ok_or(snow::Error::Dh)?;
+        let out = out.get_mut(..KEY_LEN).ok_or(snow::Error::Dh)?;
+        agreement::agree_ephemeral(
+            private,
+            &UnparsedPublicKey::new(&X25519, pubkey),
+            |secret| out.copy_from_slice(secret),
+        )
+        .map_err(|_| snow::Error::Dh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoRandom;
+    impl Random for NoRandom {
+        fn try_fill_bytes(&mut self, _: &mut [u8]) -> Result<(), snow::Error> {
+            Err(snow::Error::Rng)
+        }
+    }
+
+    #[test]
+    fn two_key_pairs_agree_once_each() {
+        let (mut a, mut b) = (EphemeralX25519::default(), EphemeralX25519::default());
+        a.generate(&mut NoRandom).unwrap();
+        b.generate(&mut NoRandom).unwrap();
+        assert_ne!(a.pubkey(), b.pubkey());
+        // As snow calls it: keys and output in 56-byte buffers.
+        let (mut ab, mut ba) = ([0u8; 56], [0u8; 56]);
+        let mut b_public = [0u8; 56];
+        b_public[..KEY_LEN].copy_from_slice(b.pubkey());
+        a.dh(&b_public, &mut ab).unwrap();
+        b.dh(a.pubkey(), &mut ba).unwrap();
+        assert_eq!(ab, ba);
+        assert_eq!(ab[KEY_LEN..], [0; 56 - KEY_LEN]);
+        assert_ne!(ab[..KEY_LEN], [0; KEY_LEN]);
+        // One agreement per key.
+        assert!(a.dh(b.pubkey(), &mut ab).is_err());
+    }
+
+    #[test]
+    fn agrees_with_snows_own_x25519() {
+        let mut ours = EphemeralX25519::default();
+        ours.generate(&mut NoRandom).unwrap();
+        let mut rng = DefaultResolver.resolve_rng().unwrap();
+        let mut theirs = DefaultResolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        theirs.generate(&mut *rng).unwrap();
+        let (mut a, mut b) = ([0u8; 56], [0u8; 56]);
+        ours.dh(theirs.pubkey(), &mut a).unwrap();
+        theirs.dh(ours.pubkey(), &mut b).unwrap();
+        assert_eq!(a[..KEY_LEN], b[..KEY_LEN]);
+    }
+
+    #[test]
+    fn a_noise_handshake_with_snows_own_x25519_agrees() {
+        let params: snow::params::NoiseParams =
+            "Noise_NN_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
+        let mut ours = snow::Builder::with_resolver(params.clone(), resolver())
+            .build_initiator()
+            .unwrap();
+        let mut theirs = snow::Builder::with_resolver(params, Box::new(DefaultResolver))
+            .build_responder()
+            .unwrap();
+        let (mut wire, mut plain) = ([0u8; 128], [0u8; 128]);
+        let n = ours.write_message(b"hello", &mut wire).unwrap();
+        theirs.read_message(&wire[..n], &mut plain).unwrap();
+        let n = theirs.write_message(b"answer", &mut wire).unwrap();
+        let m = ours.read_message(&wire[..n], &mut plain).unwrap();
+        assert_eq!(&plain[..m], b"answer");
+        assert_eq!(ours.get_handshake_hash(), theirs.get_handshake_hash());
+        assert_eq!(
+            ours.dangerously_get_raw_split(),
+            theirs.dangerously_get_raw_split()
+        );
+    }
+
+    #[test]
+    fn a_set_key_is_refused_rather_than_misused() {
+        let (mut key, mut peer) = (EphemeralX25519::default(), EphemeralX25519::default());
+        key.generate(&mut NoRandom).unwrap();
+        peer.generate(&mut NoRandom).unwrap();
+        key.set(&[1; KEY_LEN]);
+        let mut out = [0u8; KEY_LEN];
+        assert!(key.dh(peer.pubkey(), &mut out).is_err());
+    }
+}
