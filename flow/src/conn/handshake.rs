@@ -460,6 +460,7 @@ impl OfferedTicket {
             secret: self.secret,
             peer_key,
             expires,
+            returned: false,
         }
     }
 }
@@ -603,8 +604,17 @@ impl Dialer {
         let (plain, _) = answer.opener.open(frame)?;
         let mut r = Reader::new(plain, "Frame");
         let peer = read_binding(&mut r, ACCEPTOR_TAG, &answer.hash, self.resume.as_ref())?;
-        // Resume only if the acceptor did (it may have forgotten the ticket).
-        let resume = self.resume.filter(|_| peer.resumed);
+        // Resume only if the acceptor did (it may have forgotten the
+        // ticket, or not confirmed it yet: then it is still good later).
+        let resume = match self.resume {
+            Some(ticket) if !peer.resumed => {
+                if let Some(store) = &self.params.config.resumption {
+                    store.return_held(self.remote.to_string(), ticket);
+                }
+                None
+            }
+            resume => resume,
+        };
         if !r.is_empty() {
             return Err(Error::auth("acceptor sent more than its binding"));
         }

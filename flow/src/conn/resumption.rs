@@ -47,6 +47,9 @@ pub struct Ticket {
     pub peer_key: PublicKey,
     /// When the ticket stops being honoured.
     pub expires: Instant,
+    /// Named once already and not redeemed (dialer side): a second miss
+    /// drops it, so a ticket the acceptor forgot cannot come back forever.
+    pub returned: bool,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -103,10 +106,18 @@ pub fn verify_binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8], ma
     hmac::verify(&key, &[tag, hash].concat(), mac).is_ok()
 }
 
+/// Tickets a dialer keeps per endpoint; it names the oldest.
+const HELD_PER_ENDPOINT: usize = 4;
+
 /// The tickets a side has issued (as acceptor) and holds (as dialer),
 /// bounded in number and age. Share one store (it sits in
 /// [`ConnConfig::resumption`](super::ConnConfig::resumption)) among the
 /// connections that should resume each other.
+///
+/// An acceptor honours a ticket only once the connection that issued it
+/// has verified the dialer; a dialer reconnecting at once may get there
+/// first. So a dialer keeps a few tickets per endpoint, names the oldest,
+/// and takes back one the acceptor did not redeem.
 pub struct TicketStore {
     capacity: usize,
     lifetime: Duration,
@@ -115,18 +126,18 @@ pub struct TicketStore {
 
 #[derive(Default)]
 struct Inner {
-    issued: Bounded<TicketId>,
-    held: Bounded<String>,
+    issued: Bounded<TicketId, Ticket>,
+    held: Bounded<String, VecDeque<Ticket>>,
 }
 
-/// A map forgetting its oldest entries past a capacity.
-struct Bounded<K> {
-    map: HashMap<K, Ticket>,
+/// A map forgetting its oldest keys past a capacity.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
     /// Keys in insertion order; may name entries already taken.
     order: VecDeque<K>,
 }
 
-impl<K> Default for Bounded<K> {
+impl<K, V> Default for Bounded<K, V> {
     fn default() -> Self {
         Bounded {
             map: HashMap::new(),
@@ -135,38 +146,40 @@ impl<K> Default for Bounded<K> {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Bounded<K> {
-    fn insert(&mut self, key: K, ticket: Ticket, capacity: usize) {
+impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
+    /// The entry for `key`, made with `make` (forgetting the oldest keys
+    /// to stay within `capacity`) if there is none; `None` if `capacity`
+    /// is 0.
+    fn entry(&mut self, key: K, capacity: usize, make: impl FnOnce() -> V) -> Option<&mut V> {
         if capacity == 0 {
-            return;
+            return None;
         }
-        if self.map.insert(key.clone(), ticket).is_none() {
-            self.order.push_back(key);
-        }
-        while self.map.len() > capacity {
-            match self.order.pop_front() {
-                Some(oldest) => {
-                    self.map.remove(&oldest);
+        if !self.map.contains_key(&key) {
+            while self.map.len() >= capacity {
+                match self.order.pop_front() {
+                    Some(oldest) => {
+                        self.map.remove(&oldest);
+                    }
+                    None => break,
                 }
-                None => break,
             }
+            // Keys of taken entries linger in `order`; drop them before
+            // they outnumber the live ones.
+            if self.order.len() >= 2 * capacity {
+                let map = &self.map;
+                self.order.retain(|k| map.contains_key(k));
+            }
+            self.order.push_back(key.clone());
+            self.map.insert(key.clone(), make());
         }
-        // Keys of taken entries linger in `order`; drop them before they
-        // outnumber the live ones.
-        if self.order.len() > 2 * capacity {
-            let map = &self.map;
-            self.order.retain(|k| map.contains_key(k));
-        }
-    }
-
-    fn take(&mut self, key: &K, now: Instant) -> Option<Ticket> {
-        self.map.remove(key).filter(|t| t.expires > now)
+        self.map.get_mut(&key)
     }
 }
 
 impl TicketStore {
-    /// A store keeping at most `capacity` tickets of each kind, honoured for
-    /// `lifetime` after they are issued.
+    /// A store keeping tickets for at most `capacity` dialers (as
+    /// acceptor) and `capacity` endpoints (as dialer), each honoured for
+    /// `lifetime` after it is issued.
     pub fn new(capacity: usize, lifetime: Duration) -> TicketStore {
         TicketStore {
             capacity,
@@ -186,33 +199,79 @@ impl TicketStore {
 
     /// Acceptor: remembers a ticket issued to a dialer.
     pub fn insert_issued(&self, ticket: Ticket) {
-        self.inner().issued.insert(ticket.id, ticket, self.capacity);
+        let capacity = self.capacity;
+        if let Some(slot) = self
+            .inner()
+            .issued
+            .entry(ticket.id, capacity, || ticket.clone())
+        {
+            *slot = ticket;
+        }
     }
 
     /// Acceptor: takes the ticket a dialer names, if it is known and alive.
     pub fn redeem(&self, id: &TicketId, now: Instant) -> Option<Ticket> {
-        self.inner().issued.take(id, now)
+        self.inner()
+            .issued
+            .map
+            .remove(id)
+            .filter(|t| t.expires > now)
     }
 
-    /// Dialer: remembers the ticket an acceptor at `endpoint` issued.
+    /// Dialer: remembers a ticket the acceptor at `endpoint` issued (the
+    /// newest of a few kept per endpoint).
     pub fn insert_held(&self, endpoint: String, ticket: Ticket) {
-        self.inner().held.insert(endpoint, ticket, self.capacity);
+        let capacity = self.capacity;
+        if let Some(held) = self.inner().held.entry(endpoint, capacity, VecDeque::new) {
+            held.push_back(ticket);
+            if held.len() > HELD_PER_ENDPOINT {
+                held.pop_front();
+            }
+        }
     }
 
-    /// Dialer: takes the ticket held for `endpoint`, if it is alive.
+    /// Dialer: takes the oldest live ticket held for `endpoint`.
     pub fn take_held(&self, endpoint: &str, now: Instant) -> Option<Ticket> {
-        self.inner().held.take(&endpoint.to_string(), now)
+        let mut inner = self.inner();
+        let held = inner.held.map.get_mut(endpoint)?;
+        while let Some(ticket) = held.pop_front() {
+            if ticket.expires > now {
+                return Some(ticket);
+            }
+        }
+        None
     }
 
-    /// Tickets issued and held now (including expired ones not yet taken).
+    /// Dialer: puts back a ticket the acceptor did not redeem (it may not
+    /// have confirmed it yet); it is named first next time, and dropped if
+    /// it misses again.
+    pub fn return_held(&self, endpoint: String, mut ticket: Ticket) {
+        if ticket.returned {
+            return;
+        }
+        ticket.returned = true;
+        let capacity = self.capacity;
+        if let Some(held) = self.inner().held.entry(endpoint, capacity, VecDeque::new)
+            && held.len() < HELD_PER_ENDPOINT
+        {
+            held.push_front(ticket);
+        }
+    }
+
+    /// Tickets issued, and tickets held, now (including expired ones not
+    /// yet dropped).
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner();
-        (inner.issued.map.len(), inner.held.map.len())
+        (
+            inner.issued.map.len(),
+            inner.held.map.values().map(VecDeque::len).sum(),
+        )
     }
 }
 
 impl Default for TicketStore {
-    /// 4,096 tickets of each kind, each honoured for an hour.
+    /// Tickets for 4,096 dialers and 4,096 endpoints, each honoured for an
+    /// hour.
     fn default() -> Self {
         TicketStore::new(4096, Duration::from_secs(3600))
     }
@@ -241,6 +300,7 @@ mod tests {
             secret: [id; SECRET_LEN],
             peer_key: Principal::new().public_key(),
             expires,
+            returned: false,
         }
     }
 
@@ -271,6 +331,20 @@ mod tests {
         assert!(store.redeem(&[6; TICKET_ID_LEN], now).is_some());
         assert!(store.take_held("ep5", now).is_none());
         assert!(store.take_held("ep9", now).is_some());
+        // A few per endpoint, the oldest named first, the newest kept.
+        for i in 0..6 {
+            store.insert_held("many".into(), ticket(i, expires));
+        }
+        let first = store.take_held("many", now).unwrap();
+        assert_eq!(first.id, [2; TICKET_ID_LEN]);
+        store.return_held("many".into(), first);
+        let again = store.take_held("many", now).unwrap();
+        assert_eq!(again.id, [2; TICKET_ID_LEN]);
+        store.return_held("many".into(), again);
+        let ids: Vec<u8> = std::iter::from_fn(|| store.take_held("many", now))
+            .map(|t| t.id[0])
+            .collect();
+        assert_eq!(ids, [3, 4, 5], "a ticket missing twice is dropped");
         // Taking and issuing forever keeps the bookkeeping bounded too.
         for i in 0..1000u32 {
             let id = (i % 200) as u8;

@@ -144,8 +144,41 @@ fn an_acceptor_that_forgot_the_ticket_signs_and_the_dialer_follows() {
     let (d, a) = (d.unwrap(), a.unwrap());
     assert!(!d.resumed && !a.resumed);
     assert_eq!(seen, 64, "the dialer signed");
-    // And the fresh handshake issued a ticket for the next time.
+    // alice names the forgotten ticket once more (bob might only have been
+    // slow to confirm it), then drops it and resumes with a new one.
+    assert!(!handshake(&alice, &bob, now).0.resumed);
     assert!(handshake(&alice, &bob, now).0.resumed);
+    assert!(handshake(&alice, &bob, now).0.resumed);
+}
+
+#[test]
+fn a_ticket_named_before_its_connection_confirmed_it_is_named_again() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    // The first connection: alice is done, bob has not yet seen her binding
+    // when she dials again.
+    let (mut d1, hello) = Dialer::start(alice.params(), remote(), now).unwrap();
+    let mut a1 = Acceptor::new(bob.params());
+    let [answer, binding] = a1.on_hello(BytesMut::from(&hello[..]), now).unwrap();
+    d1.on_response(BytesMut::from(&answer[..]), now).unwrap();
+    let Ok(DialerStep::Done(mut done1)) =
+        d1.on_binding(BytesMut::from(&binding[..]), SystemTime::now())
+    else {
+        panic!("first handshake failed at the dialer");
+    };
+    let (d2, _) = handshake(&alice, &bob, now);
+    assert!(!d2.resumed, "bob had not confirmed the ticket");
+    // Now bob confirms it.
+    let mut plain = BytesMut::new();
+    flow_message::encode_frame(&done1.initial_messages, &mut plain);
+    let frame = done1.sealer.seal_to_bytes(&plain).unwrap();
+    a1.on_binding(BytesMut::from(&frame[..]), now, SystemTime::now(), "dialer")
+        .unwrap();
+    let (d3, a3) = handshake(&alice, &bob, now);
+    assert!(
+        d3.resumed && a3.resumed,
+        "alice named it again, and it held"
+    );
 }
 
 #[test]
