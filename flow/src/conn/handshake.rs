@@ -29,6 +29,7 @@ use flow_message::{Auth, BlessingsMsg, DischargesMsg, Message, Setup, VersionRan
 
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
 use super::config::ConnConfig;
+use super::noise_dh::PreparedKey;
 use super::resumption::{
     self, SECRET_LEN, TICKET_ID_LEN, Ticket, TicketId, binding_mac, verify_binding_mac,
 };
@@ -108,14 +109,14 @@ pub struct HandshakeDone {
     pub resumed: bool,
 }
 
-fn noise_builder(suite: Suite) -> Result<snow::Builder<'static>> {
+fn noise_builder(suite: Suite, prepared: Option<PreparedKey>) -> Result<snow::Builder<'static>> {
     let params = suite
         .noise_pattern()
         .parse()
         .map_err(|e| Error::with_source(ErrorKind::BadState, "noise pattern", e))?;
     Ok(snow::Builder::with_resolver(
         params,
-        super::noise_dh::resolver(),
+        super::noise_dh::resolver(prepared),
     ))
 }
 
@@ -520,7 +521,7 @@ impl Dialer {
         now: Instant,
     ) -> Result<(Dialer, Bytes)> {
         let suite = Suite::preferred();
-        let mut noise = noise_builder(suite)?
+        let mut noise = noise_builder(suite, None)?
             .build_initiator()
             .map_err(|e| noise_err("initiator", e))?;
         let resume = params
@@ -818,6 +819,8 @@ impl DialerRevealWait {
 /// The accepting side of a handshake.
 pub struct Acceptor {
     params: HandshakeParams,
+    /// Its ephemeral key pair, made while the hello is on its way.
+    prepared: Option<PreparedKey>,
     answered: Option<AcceptorAnswer>,
 }
 
@@ -846,10 +849,15 @@ impl std::fmt::Debug for Acceptor {
 }
 
 impl Acceptor {
-    /// A handshake waiting for a dialer's first frame.
+    /// A handshake waiting for a dialer's first frame. It makes its
+    /// ephemeral key pair now, so that a driver creating it as soon as the
+    /// transport is accepted does that work while the dialer is still
+    /// making its own.
     pub fn new(params: HandshakeParams) -> Acceptor {
         Acceptor {
             params,
+            // Without one, the handshake makes a key pair when it needs it.
+            prepared: PreparedKey::generate().ok(),
             answered: None,
         }
     }
@@ -865,7 +873,7 @@ impl Acceptor {
         }
         let suite = Suite::from_id(frame[2])
             .ok_or_else(|| Error::bad_arg(format!("unknown cipher suite {}", frame[2])))?;
-        let mut noise = noise_builder(suite)?
+        let mut noise = noise_builder(suite, self.prepared.take())?
             .build_responder()
             .map_err(|e| noise_err("responder", e))?;
         let mut payload = vec![0u8; frame.len()];

@@ -13,7 +13,7 @@
 //! ephemeral key) leaves it without one, so a later agreement fails with
 //! [`snow::Error::Dh`] instead of silently using another key.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
@@ -24,12 +24,39 @@ use snow::types::{Cipher, Dh, Hash, Random};
 /// Bytes of an X25519 key and shared secret.
 const KEY_LEN: usize = 32;
 
+/// An X25519 key pair made before the handshake that uses it (an acceptor
+/// makes one while it waits for the dialer's hello, off the critical path).
+pub(crate) struct PreparedKey {
+    private: EphemeralPrivateKey,
+    public: [u8; KEY_LEN],
+}
+
+impl PreparedKey {
+    /// A fresh key pair.
+    pub(crate) fn generate() -> Result<PreparedKey, snow::Error> {
+        // ring draws from the operating system itself.
+        let private = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new())
+            .map_err(|_| snow::Error::Rng)?;
+        let mut public = [0u8; KEY_LEN];
+        public.copy_from_slice(
+            private
+                .compute_public_key()
+                .map_err(|_| snow::Error::Rng)?
+                .as_ref(),
+        );
+        Ok(PreparedKey { private, public })
+    }
+}
+
 /// The resolver the handshake builds its Noise state with: X25519 from
-/// [`EphemeralX25519`], ciphers and hashes from snow's ring resolver, the
-/// rest from snow's default one.
-pub(crate) fn resolver() -> snow::resolvers::BoxedCryptoResolver {
+/// [`EphemeralX25519`] (using `prepared` for the first key pair it is asked
+/// to make), ciphers and hashes from snow's ring resolver, the rest from
+/// snow's default one.
+pub(crate) fn resolver(prepared: Option<PreparedKey>) -> snow::resolvers::BoxedCryptoResolver {
     Box::new(FallbackResolver::new(
-        Box::new(EphemeralX25519Resolver),
+        Box::new(EphemeralX25519Resolver {
+            prepared: Arc::new(Mutex::new(prepared)),
+        }),
         Box::new(FallbackResolver::new(
             Box::new(RingResolver),
             Box::new(DefaultResolver),
@@ -37,7 +64,11 @@ pub(crate) fn resolver() -> snow::resolvers::BoxedCryptoResolver {
     ))
 }
 
-struct EphemeralX25519Resolver;
+struct EphemeralX25519Resolver {
+    /// Shared by every key this resolver makes: the first to generate a
+    /// key pair takes it.
+    prepared: Arc<Mutex<Option<PreparedKey>>>,
+}
 
 impl CryptoResolver for EphemeralX25519Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
@@ -46,7 +77,10 @@ impl CryptoResolver for EphemeralX25519Resolver {
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
         match choice {
-            DHChoice::Curve25519 => Some(Box::new(EphemeralX25519::default())),
+            DHChoice::Curve25519 => Some(Box::new(EphemeralX25519 {
+                prepared: self.prepared.clone(),
+                ..EphemeralX25519::default()
+            })),
             _ => None,
         }
     }
@@ -66,6 +100,8 @@ struct EphemeralX25519 {
     /// Taken by the one agreement it may take part in.
     private: Mutex<Option<EphemeralPrivateKey>>,
     public: [u8; KEY_LEN],
+    /// A key pair made in advance, used instead of generating one.
+    prepared: Arc<Mutex<Option<PreparedKey>>>,
 }
 
 impl Dh for EphemeralX25519 {
@@ -92,15 +128,20 @@ impl Dh for EphemeralX25519 {
     }
 
     fn generate(&mut self, _rng: &mut dyn Random) -> Result<(), snow::Error> {
-        // ring draws from the operating system itself.
-        let private = EphemeralPrivateKey::generate(&X25519, &SystemRandom::new())
-            .map_err(|_| snow::Error::Rng)?;
-        let public = private.compute_public_key().map_err(|_| snow::Error::Rng)?;
-        self.public.copy_from_slice(public.as_ref());
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let key = match prepared {
+            Some(key) => key,
+            None => PreparedKey::generate()?,
+        };
+        self.public = key.public;
         *self
             .private
             .get_mut()
-            .unwrap_or_else(PoisonError::into_inner) = Some(private);
+            .unwrap_or_else(PoisonError::into_inner) = Some(key.private);
         Ok(())
     }
 
@@ -180,7 +221,7 @@ mod tests {
     fn a_noise_handshake_with_snows_own_x25519_agrees() {
         let params: snow::params::NoiseParams =
             "Noise_NN_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
-        let mut ours = snow::Builder::with_resolver(params.clone(), resolver())
+        let mut ours = snow::Builder::with_resolver(params.clone(), resolver(None))
             .build_initiator()
             .unwrap();
         let mut theirs = snow::Builder::with_resolver(params, Box::new(DefaultResolver))
@@ -197,6 +238,21 @@ mod tests {
             ours.dangerously_get_raw_split(),
             theirs.dangerously_get_raw_split()
         );
+    }
+
+    #[test]
+    fn a_prepared_key_pair_is_the_one_used_and_only_once() {
+        let prepared = PreparedKey::generate().unwrap();
+        let public = prepared.public;
+        let resolver = EphemeralX25519Resolver {
+            prepared: Arc::new(Mutex::new(Some(prepared))),
+        };
+        let mut first = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        let mut second = resolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+        first.generate(&mut NoRandom).unwrap();
+        second.generate(&mut NoRandom).unwrap();
+        assert_eq!(first.pubkey(), public);
+        assert_ne!(second.pubkey(), public);
     }
 
     #[test]
