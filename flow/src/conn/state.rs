@@ -198,16 +198,41 @@ struct FlowEntry {
     whole_messages: bool,
     /// Payloads are already end-to-end encrypted; send them unencrypted.
     passthrough: bool,
-    local_blessings_key: u64,
-    local_discharge_key: u64,
-    remote_blessings_key: u64,
-    remote_discharge_key: u64,
+    /// Credentials other than the connection's, if either side presents
+    /// any (boxed: most flows use the connection's).
+    keys: Option<Box<FlowKeys>>,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
     closed_wakers: Vec<Waker>,
 }
 
+/// Keys (blessings, discharges) of the credentials each side presents on
+/// a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowKeys {
+    local: (u64, u64),
+    remote: (u64, u64),
+}
+
+impl FlowKeys {
+    /// The connection's own credentials on both sides.
+    const CONN: FlowKeys = FlowKeys {
+        local: (CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY),
+        remote: (CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY),
+    };
+
+    /// What a flow stores: nothing for the connection's credentials.
+    fn boxed(self) -> Option<Box<FlowKeys>> {
+        (self != FlowKeys::CONN).then(|| Box::new(self))
+    }
+}
+
 impl FlowEntry {
+    /// Keys of the credentials either side presents on this flow.
+    fn keys(&self) -> FlowKeys {
+        self.keys.as_deref().copied().unwrap_or(FlowKeys::CONN)
+    }
+
     /// A flow not yet opened on the wire, with no handle, nothing queued
     /// either way and the connection's credentials on both sides.
     fn new(credit: SendCredit, window: RecvWindow, side_channel: bool) -> FlowEntry {
@@ -228,10 +253,7 @@ impl FlowEntry {
             side_channel,
             whole_messages: false,
             passthrough: false,
-            local_blessings_key: CONN_BLESSINGS_KEY,
-            local_discharge_key: CONN_BLESSINGS_KEY,
-            remote_blessings_key: CONN_BLESSINGS_KEY,
-            remote_discharge_key: CONN_BLESSINGS_KEY,
+            keys: None,
             read_waker: None,
             write_waker: None,
             closed_wakers: Vec::new(),
@@ -303,7 +325,10 @@ pub struct ConnState {
     version: u32,
     max_frame: usize,
     max_recv_frame: usize,
-    flows: HashMap<FlowId, FlowEntry>,
+    /// Boxed: the table holds a pointer per slot, so its spare capacity
+    /// and the copy it leaves behind each time it grows stay small (idle
+    /// memory per flow), and re-keying a flow moves a pointer.
+    flows: HashMap<FlowId, Box<FlowEntry>>,
     next_local_seq: u64,
     next_provisional: u64,
     aliases: HashMap<FlowId, FlowId>,
@@ -938,8 +963,11 @@ impl ConnState {
         let side_channel = open.flags.contains(Flags::SIDE_CHANNEL);
         let mut entry = FlowEntry {
             opened: true,
-            remote_blessings_key: open.blessings_key,
-            remote_discharge_key: open.discharge_key,
+            keys: FlowKeys {
+                remote: (open.blessings_key, open.discharge_key),
+                ..FlowKeys::CONN
+            }
+            .boxed(),
             ..FlowEntry::new(
                 SendCredit::opened_by_peer(open.initial_tokens),
                 RecvWindow::opened_by_peer(carried),
@@ -1229,7 +1257,7 @@ impl ConnState {
     }
 
     fn maybe_reap(&mut self, id: FlowId) {
-        if !self.flows.get(&id).is_some_and(FlowEntry::is_finished) {
+        if !self.flows.get(&id).is_some_and(|e| e.is_finished()) {
             return;
         }
         if let Some(mut entry) = self.flows.remove(&id) {
@@ -1279,7 +1307,7 @@ impl ConnState {
         }
         let id = PROVISIONAL | self.next_provisional;
         self.next_provisional += 1;
-        let (local_blessings_key, local_discharge_key) = match opts.blessings {
+        let local = match opts.blessings {
             None => (CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY),
             Some((b, d)) => self.credential_keys(b, d)?,
         };
@@ -1288,8 +1316,11 @@ impl ConnState {
             .open_window(self.config.initial_window, self.config.min_window, 0);
         let entry = FlowEntry {
             handle_alive: true,
-            local_blessings_key,
-            local_discharge_key,
+            keys: FlowKeys {
+                local,
+                ..FlowKeys::CONN
+            }
+            .boxed(),
             ..FlowEntry::new(
                 SendCredit::opened_locally(),
                 RecvWindow::new(window),
@@ -1306,7 +1337,7 @@ impl ConnState {
             self.busy_flows += 1;
         }
         self.stats.flows_opened += 1;
-        self.flows.insert(id, entry);
+        self.flows.insert(id, Box::new(entry));
     }
 
     fn credential_keys(
@@ -1384,6 +1415,7 @@ impl ConnState {
     fn entry(&mut self, id: FlowId) -> Result<&mut FlowEntry> {
         self.flows
             .get_mut(&id)
+            .map(|entry| &mut **entry)
             .ok_or_else(|| Error::bad_state(format!("flow {id} is closed")))
     }
 
@@ -1418,9 +1450,8 @@ impl ConnState {
         let (bkey, dkey) = self
             .flows
             .get(&id)
-            .map_or((CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY), |e| {
-                (e.remote_blessings_key, e.remote_discharge_key)
-            });
+            .map_or(FlowKeys::CONN, |e| e.keys())
+            .remote;
         (
             self.remote_blessings
                 .get(&bkey)
@@ -1439,9 +1470,8 @@ impl ConnState {
         let (bkey, dkey) = self
             .flows
             .get(&id)
-            .map_or((CONN_BLESSINGS_KEY, CONN_BLESSINGS_KEY), |e| {
-                (e.local_blessings_key, e.local_discharge_key)
-            });
+            .map_or(FlowKeys::CONN, |e| e.keys())
+            .local;
         let blessings = self
             .local_blessings
             .iter()
@@ -1868,8 +1898,8 @@ fn emit_flow(
         let open = OpenFlow {
             id,
             initial_tokens: entry.window.outstanding(),
-            blessings_key: entry.local_blessings_key,
-            discharge_key: entry.local_discharge_key,
+            blessings_key: entry.keys().local.0,
+            discharge_key: entry.keys().local.1,
             flags,
             payload: Bytes::new(),
         };
