@@ -71,13 +71,18 @@ fn handshake_with(
     };
     let mut messages = std::mem::take(&mut done.initial_messages);
     tamper(&mut messages);
-    let mut plain = BytesMut::new();
-    flow_message::encode_frame(&messages, &mut plain);
-    let frame = done.sealer.seal_to_bytes(&plain).unwrap();
+    let frame = seal(&mut done, &messages);
     let accepted = a
-        .on_binding(BytesMut::from(&frame[..]), now, wall, "dialer")
+        .on_binding(frame, now, wall, "dialer")
         .map_err(|refusal| refusal.error);
     (Ok(done), accepted)
+}
+
+/// `messages` in one frame sealed by `done`'s side.
+fn seal(done: &mut HandshakeDone, messages: &[Message]) -> BytesMut {
+    let mut plain = BytesMut::new();
+    flow_message::encode_frame(messages, &mut plain);
+    BytesMut::from(&done.sealer.seal_to_bytes(&plain).unwrap()[..])
 }
 
 fn handshake(dialer: &Side, acceptor: &Side, now: Instant) -> (HandshakeDone, HandshakeDone) {
@@ -169,10 +174,9 @@ fn a_ticket_named_before_its_connection_confirmed_it_is_named_again() {
     let (d2, _) = handshake(&alice, &bob, now);
     assert!(!d2.resumed, "bob had not confirmed the ticket");
     // Now bob confirms it.
-    let mut plain = BytesMut::new();
-    flow_message::encode_frame(&done1.initial_messages, &mut plain);
-    let frame = done1.sealer.seal_to_bytes(&plain).unwrap();
-    a1.on_binding(BytesMut::from(&frame[..]), now, SystemTime::now(), "dialer")
+    let messages = std::mem::take(&mut done1.initial_messages);
+    let frame = seal(&mut done1, &messages);
+    a1.on_binding(frame, now, SystemTime::now(), "dialer")
         .unwrap();
     let (d3, a3) = handshake(&alice, &bob, now);
     assert!(
