@@ -38,7 +38,7 @@ pub use dial_any::HAPPY_EYEBALLS_STAGGER;
 pub use flow_conn::{FlowConn, ProxyProtocol};
 pub use manager::{DIAL_FAILURE_MEMORY, ListenHandle, Manager, ManagerBuilder};
 pub use pin::{PinOptions, PinnedConn};
-pub use proxy_listen::{ProxyKeeper, ProxyListenHandle, ProxyRequest};
+pub use proxy_listen::{ProxyKeeper, ProxyListenHandle};
 pub use status::ListenStatus;
 
 /// The README's examples, compiled as doctests.

@@ -2,9 +2,9 @@
 //! out to a proxy, asks it to listen on its behalf, and takes the tunnels
 //! the proxy opens back as connections of its own.
 //!
-//! The control flow carries one `ProxyServerRequest` (or
-//! `MultiProxyRequest`, for a proxy listening through another proxy) and
-//! then the proxy's `ProxyResponse`s: its endpoints, carrying this manager's
+//! The control flow carries one `ProxyServerRequest` (a proxy listening
+//! through another proxy sends `MultiProxyRequest` from `proxy::upstream`)
+//! and then the proxy's `ProxyResponse`s: its endpoints, carrying this manager's
 //! routing id, first at once and again whenever they change. Every other
 //! flow the proxy opens on that connection is a tunnel: another party's
 //! connection, run end to end through the proxy.
@@ -27,15 +27,6 @@ use crate::manager::{Inner, Manager};
 
 /// How long tunnels may go on after the proxy's control flow ended.
 const TUNNEL_DRAIN: Duration = Duration::from_secs(30);
-
-/// Which request opens the control flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyRequest {
-    /// A server listening through the proxy.
-    Server,
-    /// A proxy listening through another proxy (a chain).
-    Proxy,
-}
 
 /// Resolves when listening through a proxy stops working.
 #[derive(Debug)]
@@ -121,20 +112,10 @@ impl Manager {
     /// Listens through the proxy at `proxy`, recording its endpoints (and
     /// any error) under `name` in [`Manager::status`]. Returns once the proxy
     /// has answered; the handle resolves when the proxy is lost.
+    /// (A proxy chaining through another proxy registers from
+    /// `proxy::upstream` instead, with a `MultiProxyRequest`.)
     pub async fn proxy_listen(&self, name: &str, proxy: &Endpoint) -> Result<ProxyListenHandle> {
-        self.proxy_listen_as(name, proxy, ProxyRequest::Server)
-            .await
-    }
-
-    /// Like [`Manager::proxy_listen`], choosing the request (a proxy uses
-    /// [`ProxyRequest::Proxy`] to chain through another proxy).
-    pub async fn proxy_listen_as(
-        &self,
-        name: &str,
-        proxy: &Endpoint,
-        request: ProxyRequest,
-    ) -> Result<ProxyListenHandle> {
-        let result = self.try_proxy_listen(name, proxy, request).await;
+        let result = self.try_proxy_listen(name, proxy).await;
         if let Err(e) = &result {
             let err = e.clone();
             self.inner.status.update(|s| {
@@ -145,12 +126,7 @@ impl Manager {
         result
     }
 
-    async fn try_proxy_listen(
-        &self,
-        name: &str,
-        proxy: &Endpoint,
-        request: ProxyRequest,
-    ) -> Result<ProxyListenHandle> {
+    async fn try_proxy_listen(&self, name: &str, proxy: &Endpoint) -> Result<ProxyListenHandle> {
         if self.inner.routing_id.is_null() {
             return Err(Error::bad_state(
                 "a dial-only manager (null routing id) cannot listen through a proxy",
@@ -167,11 +143,7 @@ impl Manager {
         let control = conn.open_flow(Default::default())?;
         control.disable_fragmentation()?;
         let (mut reader, mut writer) = control.into_split();
-        let msg = match request {
-            ProxyRequest::Server => Message::ProxyServerRequest,
-            ProxyRequest::Proxy => Message::MultiProxyRequest,
-        };
-        control_wire::send(&mut writer, &msg).await?;
+        control_wire::send(&mut writer, &Message::ProxyServerRequest).await?;
         let endpoints = match read_control(&mut reader).await? {
             Message::ProxyResponse(r) => {
                 parse_endpoints(&r.endpoints, self.inner.bidi.blessing_names())

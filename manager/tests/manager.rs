@@ -242,6 +242,67 @@ async fn status_records_listen_errors_and_notifies() {
 }
 
 #[tokio::test]
+async fn a_manager_redialing_a_server_resumes_and_a_restarted_server_signs_again() {
+    let rid = RoutingId::random();
+    let principal = Principal::with_self_blessing("server").unwrap();
+    let server = Manager::builder(principal.clone()).routing_id(rid).build();
+    let ep = server
+        .listen("tcp", "127.0.0.1:0")
+        .await
+        .unwrap()
+        .endpoint()
+        .clone();
+    serve_echo(&server);
+    let client = manager("client");
+    let mut resumed = Vec::new();
+    for _ in 0..3 {
+        let mut flow = client.dial(&ep, everyone(), Duration::ZERO).await.unwrap();
+        let conn = flow.conn().clone();
+        resumed.push(conn.resumed());
+        assert_eq!(conn.remote_blessings().names(), vec!["server".to_string()]);
+        // An echo shows the server finished its side of the handshake (and
+        // so holds the next ticket) before the connection goes.
+        flow.write_msg_and_close(&[b"x"]).await.unwrap();
+        assert_eq!(
+            &within(5, flow.read_msg()).await.unwrap().unwrap()[..],
+            b"x"
+        );
+        drop(flow);
+        // A new connection each time: the cached one goes away.
+        conn.close("next round");
+        within(5, conn.closed()).await;
+    }
+    assert_eq!(resumed, [false, true, true]);
+    assert_eq!(echo_once(&client, &ep, b"resumed").await, b"resumed");
+
+    // The server restarts: its tickets are gone, so the next handshake
+    // signs (and leaves a ticket for the one after).
+    server.close().await;
+    let restarted = Manager::builder(principal).routing_id(rid).build();
+    let addr = ep.address().to_string();
+    let mut relisten = None;
+    for _ in 0..50 {
+        match restarted.listen("tcp", &addr).await {
+            Ok(h) => {
+                relisten = Some(h);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(relisten.is_some(), "could not listen on {addr} again");
+    serve_echo(&restarted);
+    let flow = within(5, client.dial(&ep, everyone(), Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(!flow.conn().resumed());
+    assert_eq!(
+        echo_once(&client, &ep, b"signed again").await,
+        b"signed again"
+    );
+}
+
+#[tokio::test]
 async fn pinned_connection_survives_the_peer_restarting() {
     let rid = RoutingId::random();
     let principal = Principal::with_self_blessing("server").unwrap();

@@ -340,6 +340,40 @@ async fn a_server_behind_the_proxy_is_reachable_end_to_end() {
 }
 
 #[tokio::test]
+async fn a_client_redialing_a_proxied_server_resumes_end_to_end() {
+    let proxy = start_proxy(|_| {}).await;
+    let s = server(blessed(proxy.manager().principal(), "server"), b"S");
+    let _handle = within(10, s.proxy_listen("p", &tcp_endpoint(&proxy)))
+        .await
+        .unwrap();
+    let target = s.status().endpoints[0].clone();
+    let c = client("client");
+    let mut resumed = Vec::new();
+    for _ in 0..3 {
+        let mut flow = within(10, c.dial(&target, everyone(), Duration::ZERO))
+            .await
+            .unwrap();
+        // The end-to-end connection (not the link to the proxy) resumes.
+        let conn = flow.conn().clone();
+        assert_eq!(conn.remote_endpoint().routing_id(), s.routing_id());
+        resumed.push(conn.resumed());
+        // The server's tag (a flow opens with its first write) shows it
+        // finished its side of the handshake, and so holds the next ticket,
+        // before the connection goes.
+        flow.write_msg(&[b"x"]).await.unwrap();
+        assert_eq!(
+            &within(10, flow.read_msg()).await.unwrap().unwrap()[..],
+            b"S"
+        );
+        drop(flow);
+        conn.close("next round");
+        within(5, conn.closed()).await;
+    }
+    assert_eq!(resumed, [false, true, true]);
+    assert_eq!(round_trip(&c, &target, b"hi").await.unwrap(), b"Shi");
+}
+
+#[tokio::test]
 async fn a_ws_client_reaches_a_server_registered_over_tcp() {
     let proxy = start_proxy(|c| {
         c.listen.push(Endpoint::parse("ws/127.0.0.1:0").unwrap());

@@ -35,7 +35,7 @@ use super::resumption::{
 };
 use super::state::{CONN_BLESSINGS_KEY, Established, NO_DISCHARGES_KEY, Role};
 use crate::auth::{AuthorizedPeer, PeerAuthorizer, PeerInfo};
-use crate::naming::Endpoint;
+use crate::naming::{Endpoint, RoutingId};
 use crate::security::{
     Blessings, Discharges, PUBLIC_KEY_LEN, Principal, PublicKey, SIGNATURE_LEN, Signature,
 };
@@ -466,6 +466,12 @@ impl OfferedTicket {
     }
 }
 
+/// Where a dialer keeps the tickets of the peer with routing id `rid` at
+/// `remote`'s address.
+pub(crate) fn ticket_key(remote: &Endpoint, rid: RoutingId) -> String {
+    format!("{}/{}@{rid}", remote.protocol(), remote.address())
+}
+
 /// A ticket id from a peer's `Setup`.
 fn ticket_id(setup: &Setup) -> Result<Option<TicketId>> {
     match &setup.ticket {
@@ -528,7 +534,7 @@ impl Dialer {
             .config
             .resumption
             .as_ref()
-            .and_then(|store| store.take_held(&remote.to_string(), now));
+            .and_then(|store| store.take_held(&ticket_key(&remote, remote.routing_id()), now));
         let payload = encode_setup(local_setup(
             &params,
             Some(&remote),
@@ -610,7 +616,7 @@ impl Dialer {
         let resume = match self.resume {
             Some(ticket) if !peer.resumed => {
                 if let Some(store) = &self.params.config.resumption {
-                    store.return_held(self.remote.to_string(), ticket);
+                    store.return_held(ticket_key(&self.remote, self.remote.routing_id()), ticket);
                 }
                 None
             }
@@ -681,7 +687,18 @@ impl Dialer {
             (&self.params.config.resumption, answer.offered.take())
         {
             store.insert_held(
-                self.remote.to_string(),
+                // Under the peer it reached: dialing a proxied endpoint
+                // first reaches the proxy, whose ticket must not be taken
+                // for the server's. A shorthand endpoint (no routing id)
+                // keeps its key, so dialing it again finds the ticket.
+                ticket_key(
+                    &self.remote,
+                    if self.remote.routing_id().is_null() {
+                        self.remote.routing_id()
+                    } else {
+                        remote_endpoint.routing_id()
+                    },
+                ),
                 ticket.into_ticket(peer.key, expires),
             );
         }

@@ -48,6 +48,11 @@ fn remote() -> Endpoint {
     Endpoint::new("test", "acceptor")
 }
 
+/// Where a dialer of [`remote`] keeps its tickets.
+fn held_key() -> String {
+    super::handshake::ticket_key(&remote(), remote().routing_id())
+}
+
 /// Runs a whole handshake at `now`; the dialer's binding frame passes
 /// through `tamper` on its way to the acceptor.
 fn handshake_with(
@@ -186,6 +191,29 @@ fn a_ticket_named_before_its_connection_confirmed_it_is_named_again() {
 }
 
 #[test]
+fn a_ticket_is_kept_for_the_peer_reached_not_the_one_dialed() {
+    // Dialing a proxied endpoint first reaches the proxy (another routing
+    // id): its ticket must not be named to the server behind it.
+    let (alice, proxy) = (Side::new("alice"), Side::new("proxy"));
+    let now = Instant::now();
+    let server_rid = RoutingId::random();
+    let target = remote().with_routing_id(server_rid);
+    let (mut d, hello) = Dialer::start(alice.params(), target.clone(), now).unwrap();
+    let mut a = Acceptor::new(proxy.params());
+    let [answer, binding] = a.on_hello(BytesMut::from(&hello[..]), now).unwrap();
+    d.on_response(BytesMut::from(&answer[..]), now).unwrap();
+    let Ok(DialerStep::Done(done)) = d.on_binding(BytesMut::from(&binding[..]), SystemTime::now())
+    else {
+        panic!("handshake with the proxy failed");
+    };
+    let reached = done.remote_endpoint.routing_id();
+    assert_ne!(reached, server_rid);
+    let key = |rid| super::handshake::ticket_key(&target, rid);
+    assert!(alice.store().take_held(&key(server_rid), now).is_none());
+    assert!(alice.store().take_held(&key(reached), now).is_some());
+}
+
+#[test]
 fn expired_tickets_are_not_honoured() {
     let (alice, bob) = (Side::new("alice"), Side::new("bob"));
     let now = Instant::now();
@@ -204,12 +232,10 @@ fn a_ticket_id_without_its_secret_resumes_nothing() {
     // its secret: she cannot check bob's MAC, so her dialer gives up, and
     // the ticket is spent.
     let mallory = Side::new("mallory");
-    let mut stolen = alice.store().take_held(&remote().to_string(), now).unwrap();
-    alice
-        .store()
-        .insert_held(remote().to_string(), stolen.clone());
+    let mut stolen = alice.store().take_held(&held_key(), now).unwrap();
+    alice.store().insert_held(held_key(), stolen.clone());
     stolen.secret = [0; 32];
-    mallory.store().insert_held(remote().to_string(), stolen);
+    mallory.store().insert_held(held_key(), stolen);
     let (d, _a) = handshake_with(&mallory, &bob, now, |_| {});
     let err = d.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
@@ -226,8 +252,8 @@ fn a_ticket_proves_only_the_key_it_was_issued_for() {
     // Even holding the whole ticket, mallory cannot resume as herself: the
     // ticket names alice's key.
     let mallory = Side::new("mallory");
-    let stolen = alice.store().take_held(&remote().to_string(), now).unwrap();
-    mallory.store().insert_held(remote().to_string(), stolen);
+    let stolen = alice.store().take_held(&held_key(), now).unwrap();
+    mallory.store().insert_held(held_key(), stolen);
     let (d, a) = handshake_with(&mallory, &bob, now, |_| {});
     assert!(d.unwrap().resumed, "bob proved himself with the ticket");
     let err = a.unwrap_err();
@@ -241,9 +267,9 @@ fn a_mac_under_the_wrong_secret_is_refused_by_either_side() {
     let (alice, bob) = (Side::new("alice"), Side::new("bob"));
     handshake(&alice, &bob, now);
     // alice's held ticket with its secret damaged: bob's MAC fails at alice.
-    let mut ticket = alice.store().take_held(&remote().to_string(), now).unwrap();
+    let mut ticket = alice.store().take_held(&held_key(), now).unwrap();
     ticket.secret[0] ^= 1;
-    alice.store().insert_held(remote().to_string(), ticket);
+    alice.store().insert_held(held_key(), ticket);
     let (d, _a) = handshake_with(&alice, &bob, now, |_| {});
     let err = d.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
