@@ -212,6 +212,7 @@ fn the_demo_runs_and_exits_0() {
         "the server sees the client as [\"demo:client\"]",
         "through the proxy:",
         "direct:",
+        "the handshake resumed",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
