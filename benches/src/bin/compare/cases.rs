@@ -406,6 +406,9 @@ async fn rtt_under_load(system: System, creds: &Credentials, p: &Params) -> Resu
         .note("samples", samples.len()))
 }
 
+/// Streams opened at once in `open`'s second measurement.
+const OPEN_IN_FLIGHT: usize = 32;
+
 async fn open(system: System, creds: &Credentials, p: &Params) -> Result<Outcome> {
     let s = setup(system, creds).await?;
     let warm_up = (p.open_count / 10).clamp(10, 1000);
@@ -424,10 +427,26 @@ async fn open(system: System, creds: &Credentials, p: &Params) -> Result<Outcome
     }
     let elapsed = start.elapsed();
     let parks = worker_parks() - parks_before;
+    // The same, OPEN_IN_FLIGHT streams at a time on the one connection.
+    let start = Instant::now();
+    futures::stream::iter(0..p.open_count)
+        .map(|_| async {
+            let mut stream = s.client.open().await?;
+            stream.write_all(&[TAG_ECHO, b'x']).await?;
+            let mut one = [0u8; 1];
+            stream.read_exact(&mut one).await?;
+            stream.shutdown().await?;
+            Ok::<_, crate::systems::BoxError>(())
+        })
+        .buffer_unordered(OPEN_IN_FLIGHT)
+        .try_for_each(|()| futures::future::ready(Ok(())))
+        .await?;
+    let parallel = p.open_count as f64 / start.elapsed().as_secs_f64();
     s.client.close();
     let mut outcome = Outcome::default()
         .figure("per_s", p.open_count as f64 / elapsed.as_secs_f64())
-        .figure("parks_per_op", parks as f64 / p.open_count as f64);
+        .figure("parks_per_op", parks as f64 / p.open_count as f64)
+        .figure("parallel_per_s", parallel);
     if system == System::Tcp {
         outcome = outcome.note("note", "a new TCP connection per stream");
     }
