@@ -437,6 +437,40 @@ async fn a_missing_binding_fails_authentication() {
     .await;
 }
 
+#[tokio::test]
+async fn a_ticket_binding_without_a_ticket_fails_authentication() {
+    // key || 32 bytes reads as a resumption MAC, but the acceptor redeemed
+    // no ticket from this dialer.
+    expect_handshake_refused(
+        |binding| {
+            for msg in binding.iter_mut() {
+                if let Message::Auth(auth) = msg {
+                    auth.channel_binding = auth.channel_binding.slice(..64);
+                }
+            }
+        },
+        ErrorKind::Auth,
+        "ticket",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_channel_binding_of_the_wrong_length_fails_authentication() {
+    expect_handshake_refused(
+        |binding| {
+            for msg in binding.iter_mut() {
+                if let Message::Auth(auth) = msg {
+                    auth.channel_binding = auth.channel_binding.slice(..70);
+                }
+            }
+        },
+        ErrorKind::Auth,
+        "channel binding of 70 bytes",
+    )
+    .await;
+}
+
 /// Garbage after the handshake: a frame that fails authentication.
 fn garbage_frame() -> Bytes {
     let mut frame = Vec::new();

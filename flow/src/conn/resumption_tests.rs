@@ -326,3 +326,21 @@ fn without_a_store_nothing_is_issued_or_redeemed() {
     let setup = super::handshake::peek_hello(&hello).unwrap();
     assert!(setup.ticket.is_none());
 }
+
+#[test]
+fn a_hello_naming_a_malformed_ticket_is_refused() {
+    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+    let now = Instant::now();
+    let (_d, hello) = Dialer::start(alice.params(), remote(), now).unwrap();
+    // The hello's Setup travels in the clear after "FL", the suite and the
+    // 32-byte ephemeral key: give it a ticket id of 5 bytes.
+    let mut setup = super::handshake::peek_hello(&hello).unwrap();
+    setup.ticket = Some(bytes::Bytes::from_static(b"short"));
+    let mut forged = BytesMut::from(&hello[..35]);
+    Message::Setup(setup).encode(&mut forged);
+    let err = Acceptor::new(bob.params())
+        .on_hello(forged, now)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::BadArg, "{err}");
+    assert!(err.message().contains("ticket has 5 bytes"), "{err}");
+}
