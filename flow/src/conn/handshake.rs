@@ -466,10 +466,16 @@ impl OfferedTicket {
     }
 }
 
-/// Where a dialer keeps the tickets of the peer with routing id `rid` at
-/// `remote`'s address.
-pub(crate) fn ticket_key(remote: &Endpoint, rid: RoutingId) -> String {
-    format!("{}/{}@{rid}", remote.protocol(), remote.address())
+/// Where a dialer whose key is `local` keeps the tickets of the peer with
+/// routing id `rid` at `remote`'s address. (A ticket proves only the key
+/// it was issued to: principals sharing a store must not take each
+/// other's.)
+pub(crate) fn ticket_key(local: &PublicKey, remote: &Endpoint, rid: RoutingId) -> String {
+    format!(
+        "{local} -> {}/{}@{rid}",
+        remote.protocol(),
+        remote.address()
+    )
 }
 
 /// A ticket id from a peer's `Setup`.
@@ -530,11 +536,10 @@ impl Dialer {
         let mut noise = noise_builder(suite, None)?
             .build_initiator()
             .map_err(|e| noise_err("initiator", e))?;
-        let resume = params
-            .config
-            .resumption
-            .as_ref()
-            .and_then(|store| store.take_held(&ticket_key(&remote, remote.routing_id()), now));
+        let resume = params.config.resumption.as_ref().and_then(|store| {
+            let key = ticket_key(&params.principal.public_key(), &remote, remote.routing_id());
+            store.take_held(&key, now)
+        });
         let payload = encode_setup(local_setup(
             &params,
             Some(&remote),
@@ -616,7 +621,14 @@ impl Dialer {
         let resume = match self.resume {
             Some(ticket) if !peer.resumed => {
                 if let Some(store) = &self.params.config.resumption {
-                    store.return_held(ticket_key(&self.remote, self.remote.routing_id()), ticket);
+                    store.return_held(
+                        ticket_key(
+                            &self.params.principal.public_key(),
+                            &self.remote,
+                            self.remote.routing_id(),
+                        ),
+                        ticket,
+                    );
                 }
                 None
             }
@@ -692,6 +704,7 @@ impl Dialer {
                 // for the server's. A shorthand endpoint (no routing id)
                 // keeps its key, so dialing it again finds the ticket.
                 ticket_key(
+                    &self.params.principal.public_key(),
                     &self.remote,
                     if self.remote.routing_id().is_null() {
                         self.remote.routing_id()

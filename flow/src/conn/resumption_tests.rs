@@ -48,9 +48,13 @@ fn remote() -> Endpoint {
     Endpoint::new("test", "acceptor")
 }
 
-/// Where a dialer of [`remote`] keeps its tickets.
-fn held_key() -> String {
-    super::handshake::ticket_key(&remote(), remote().routing_id())
+/// Where `dialer` keeps its tickets for [`remote`].
+fn held_key(dialer: &Side) -> String {
+    super::handshake::ticket_key(
+        &dialer.principal.public_key(),
+        &remote(),
+        remote().routing_id(),
+    )
 }
 
 /// Runs a whole handshake at `now`; the dialer's binding frame passes
@@ -208,19 +212,38 @@ fn a_ticket_is_kept_for_the_peer_reached_not_the_one_dialed() {
     };
     let reached = done.remote_endpoint.routing_id();
     assert_ne!(reached, server_rid);
-    let key = |rid| super::handshake::ticket_key(&target, rid);
+    let key = |rid| super::handshake::ticket_key(&alice.principal.public_key(), &target, rid);
     assert!(alice.store().take_held(&key(server_rid), now).is_none());
     assert!(alice.store().take_held(&key(reached), now).is_some());
 }
 
 #[test]
-fn expired_tickets_are_not_honoured() {
-    let (alice, bob) = (Side::new("alice"), Side::new("bob"));
+fn tickets_expire_at_the_acceptor_whatever_the_dialer_thinks() {
+    // alice keeps tickets longer than bob honours them.
+    let mut alice = Side::new("alice");
+    alice.config.resumption = Some(Arc::new(TicketStore::new(16, Duration::from_secs(7200))));
+    let bob = Side::new("bob");
     let now = Instant::now();
     handshake(&alice, &bob, now);
     let later = now + bob.store().lifetime() + Duration::from_secs(1);
     let (d, a) = handshake(&alice, &bob, later);
-    assert!(!d.resumed && !a.resumed);
+    assert!(!d.resumed && !a.resumed, "bob no longer honours it");
+}
+
+#[test]
+fn principals_sharing_a_store_do_not_take_each_others_tickets() {
+    let alice = Side::new("alice");
+    let carol = Side {
+        principal: Principal::with_self_blessing("carol").unwrap(),
+        config: alice.config.clone(),
+    };
+    let bob = Side::new("bob");
+    let now = Instant::now();
+    handshake(&alice, &bob, now);
+    let (d, a) = handshake(&carol, &bob, now);
+    assert!(!d.resumed && !a.resumed, "carol has no ticket of her own");
+    assert!(handshake(&alice, &bob, now).0.resumed);
+    assert!(handshake(&carol, &bob, now).0.resumed);
 }
 
 #[test]
@@ -232,10 +255,10 @@ fn a_ticket_id_without_its_secret_resumes_nothing() {
     // its secret: she cannot check bob's MAC, so her dialer gives up, and
     // the ticket is spent.
     let mallory = Side::new("mallory");
-    let mut stolen = alice.store().take_held(&held_key(), now).unwrap();
-    alice.store().insert_held(held_key(), stolen.clone());
+    let mut stolen = alice.store().take_held(&held_key(&alice), now).unwrap();
+    alice.store().insert_held(held_key(&alice), stolen.clone());
     stolen.secret = [0; 32];
-    mallory.store().insert_held(held_key(), stolen);
+    mallory.store().insert_held(held_key(&mallory), stolen);
     let (d, _a) = handshake_with(&mallory, &bob, now, |_| {});
     let err = d.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
@@ -252,8 +275,8 @@ fn a_ticket_proves_only_the_key_it_was_issued_for() {
     // Even holding the whole ticket, mallory cannot resume as herself: the
     // ticket names alice's key.
     let mallory = Side::new("mallory");
-    let stolen = alice.store().take_held(&held_key(), now).unwrap();
-    mallory.store().insert_held(held_key(), stolen);
+    let stolen = alice.store().take_held(&held_key(&alice), now).unwrap();
+    mallory.store().insert_held(held_key(&mallory), stolen);
     let (d, a) = handshake_with(&mallory, &bob, now, |_| {});
     assert!(d.unwrap().resumed, "bob proved himself with the ticket");
     let err = a.unwrap_err();
@@ -267,9 +290,9 @@ fn a_mac_under_the_wrong_secret_is_refused_by_either_side() {
     let (alice, bob) = (Side::new("alice"), Side::new("bob"));
     handshake(&alice, &bob, now);
     // alice's held ticket with its secret damaged: bob's MAC fails at alice.
-    let mut ticket = alice.store().take_held(&held_key(), now).unwrap();
+    let mut ticket = alice.store().take_held(&held_key(&alice), now).unwrap();
     ticket.secret[0] ^= 1;
-    alice.store().insert_held(held_key(), ticket);
+    alice.store().insert_held(held_key(&alice), ticket);
     let (d, _a) = handshake_with(&alice, &bob, now, |_| {});
     let err = d.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
