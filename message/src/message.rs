@@ -164,8 +164,9 @@ pub struct Setup {
     /// The sender (an acceptor) hides its blessings until the dialer has
     /// shown its own and is allowed to see them.
     pub hidden_blessings: bool,
-    /// A resumption ticket's id: from a dialer, the ticket it redeems; from
-    /// an acceptor, a new ticket it issues for the next connection.
+    /// A resumption ticket's id: from a dialer, the ticket it redeems, or
+    /// empty to ask for one; from an acceptor, a new ticket it issues for
+    /// the next connection (only to a dialer that sent the option).
     pub ticket: Option<Bytes>,
     /// Options this version does not interpret, kept in the order received.
     /// Their ids must not be those of the known options.

@@ -128,10 +128,12 @@ fn noise_err(what: &str, err: snow::Error) -> Error {
     )
 }
 
+/// `ticket` is the Setup's ticket option: a dialer's ticket to redeem (or
+/// empty, asking for one), an acceptor's new ticket.
 fn local_setup(
     params: &HandshakeParams,
     remote: Option<&Endpoint>,
-    ticket: Option<&TicketId>,
+    ticket: Option<&[u8]>,
 ) -> Setup {
     let hidden_blessings = remote.is_none() && params.config.blessings_visible_to.is_some();
     Setup {
@@ -142,7 +144,7 @@ fn local_setup(
         initial_window: Some(params.config.initial_window),
         peer_remote_endpoint: remote.map(ToString::to_string),
         peer_local_endpoint: Some(params.local_endpoint.to_string()),
-        ticket: ticket.map(|id| Bytes::copy_from_slice(id)),
+        ticket: ticket.map(Bytes::copy_from_slice),
         unknown_options: Vec::new(),
     }
 }
@@ -478,16 +480,29 @@ pub(crate) fn ticket_key(local: &PublicKey, remote: &Endpoint, rid: RoutingId) -
     )
 }
 
-/// A ticket id from a peer's `Setup`.
-fn ticket_id(setup: &Setup) -> Result<Option<TicketId>> {
+/// The ticket option of a peer's `Setup`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TicketOption {
+    /// Absent: the peer keeps no tickets.
+    Absent,
+    /// Empty (a dialer asking for a ticket).
+    Ask,
+    /// A ticket id.
+    Id(TicketId),
+}
+
+fn ticket_option(setup: &Setup) -> Result<TicketOption> {
     match &setup.ticket {
-        None => Ok(None),
-        Some(bytes) => TicketId::try_from(&bytes[..]).map(Some).map_err(|_| {
-            Error::bad_arg(format!(
-                "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
-                bytes.len()
-            ))
-        }),
+        None => Ok(TicketOption::Absent),
+        Some(bytes) if bytes.is_empty() => Ok(TicketOption::Ask),
+        Some(bytes) => TicketId::try_from(&bytes[..])
+            .map(TicketOption::Id)
+            .map_err(|_| {
+                Error::bad_arg(format!(
+                    "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
+                    bytes.len()
+                ))
+            }),
     }
 }
 
@@ -540,11 +555,15 @@ impl Dialer {
             let key = ticket_key(&params.principal.public_key(), &remote, remote.routing_id());
             store.take_held(&key, now)
         });
-        let payload = encode_setup(local_setup(
-            &params,
-            Some(&remote),
-            resume.as_ref().map(|t| &t.id),
-        ));
+        // With a store, the hello always carries the option: the ticket to
+        // redeem, or empty to ask for one (an acceptor issues tickets only
+        // to dialers that keep them).
+        let ticket: Option<&[u8]> = match (&params.config.resumption, &resume) {
+            (Some(_), Some(t)) => Some(&t.id),
+            (Some(_), None) => Some(&[]),
+            (None, _) => None,
+        };
+        let payload = encode_setup(local_setup(&params, Some(&remote), ticket));
         let mut frame = vec![0u8; MAGIC.len() + 1 + noise_message_len(payload.len())];
         frame[..2].copy_from_slice(MAGIC);
         frame[2] = suite.id();
@@ -580,9 +599,9 @@ impl Dialer {
         let setup = decode_setup(Bytes::from(payload))?;
         let (version, max_frame) = negotiate(&self.params, &setup)?;
         let hash = self.noise.get_handshake_hash().to_vec();
-        let offered = match &self.params.config.resumption {
-            Some(_) => ticket_id(&setup)?,
-            None => None,
+        let offered = match (&self.params.config.resumption, ticket_option(&setup)?) {
+            (Some(_), TicketOption::Id(id)) => Some(id),
+            _ => None,
         };
         let (sealer, opener, offered) =
             split_keys(&mut self.noise, self.suite, Role::Dialer, offered)?;
@@ -919,12 +938,22 @@ impl Acceptor {
             None => self.params.config.resumption.as_ref(),
             Some(_) => None,
         };
-        let resume = match (store, ticket_id(&setup)?) {
-            (Some(store), Some(id)) => store.redeem(&id, now),
+        let asked = ticket_option(&setup)?;
+        let resume = match (store, asked) {
+            (Some(store), TicketOption::Id(id)) => store.redeem(&id, now),
             _ => None,
         };
-        let offered = store.map(|_| resumption::new_ticket_id());
-        let our_setup = encode_setup(local_setup(&self.params, None, offered.as_ref()));
+        // Only to a dialer that keeps tickets: one that never redeems them
+        // would only push others' out of the store.
+        let offered = match (store, asked) {
+            (Some(_), TicketOption::Ask | TicketOption::Id(_)) => Some(resumption::new_ticket_id()),
+            _ => None,
+        };
+        let our_setup = encode_setup(local_setup(
+            &self.params,
+            None,
+            offered.as_ref().map(|id| &id[..]),
+        ));
         let mut answer = vec![0u8; noise_message_len(our_setup.len())];
         let n = noise
             .write_message(&our_setup, &mut answer)

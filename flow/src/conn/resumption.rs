@@ -1,9 +1,10 @@
 //! Resumption: a returning dialer proves itself with a shared secret from
 //! its last connection instead of signatures.
 //!
-//! At the end of every handshake the acceptor issues a ticket: a random id,
-//! sent inside its (encrypted) `Setup`, and a secret both sides derive from
-//! that connection's keys and the id. Each side remembers the ticket with
+//! A dialer that keeps tickets says so in its hello (the `ticket` option:
+//! a ticket to redeem, or empty). The acceptor then issues one: a random
+//! id, sent inside its (encrypted) `Setup`, and a secret both sides derive
+//! from that connection's keys and the id. Each side remembers the ticket with
 //! the key the peer proved in that handshake: the acceptor under the id, the
 //! dialer under the endpoint it dialed. When the dialer dials that endpoint
 //! again it names the ticket in its hello; if the acceptor still holds it,
@@ -177,9 +178,10 @@ impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
 }
 
 impl TicketStore {
-    /// A store keeping tickets for at most `capacity` dialers (as
-    /// acceptor) and `capacity` endpoints (as dialer), each honoured for
-    /// `lifetime` after it is issued.
+    /// A store keeping at most `capacity` tickets issued (as acceptor;
+    /// the oldest go first) and tickets for at most `capacity` peers (as
+    /// dialer, a few each), each honoured for `lifetime` after it is
+    /// issued.
     pub fn new(capacity: usize, lifetime: Duration) -> TicketStore {
         TicketStore {
             capacity,
@@ -270,8 +272,8 @@ impl TicketStore {
 }
 
 impl Default for TicketStore {
-    /// Tickets for 4,096 dialers and 4,096 endpoints, each honoured for an
-    /// hour.
+    /// 4,096 tickets issued and tickets for 4,096 peers, each honoured for
+    /// an hour.
     fn default() -> Self {
         TicketStore::new(4096, Duration::from_secs(3600))
     }
