@@ -423,8 +423,9 @@ fn authorize(
     })
 }
 
-/// The frame ciphers of a finished Noise handshake, and the secret of the
-/// ticket `offered` on it (if any).
+/// The frame ciphers of a finished Noise handshake (keyed from the raw
+/// split keys under one label), and the secret of the ticket `offered` on
+/// it (if any; under another).
 fn split_keys(
     noise: &mut snow::HandshakeState,
     suite: Suite,
@@ -444,8 +445,8 @@ fn split_keys(
         Role::Acceptor => (responder_key, initiator_key),
     };
     Ok((
-        FrameSealer::new(suite, &send)?,
-        FrameOpener::new(suite, &recv)?,
+        FrameSealer::new(suite, &resumption::frame_key(&send)?)?,
+        FrameOpener::new(suite, &resumption::frame_key(&recv)?)?,
         offered,
     ))
 }

@@ -33,6 +33,8 @@ pub const SECRET_LEN: usize = 32;
 
 /// What the secret of a ticket is derived with (HKDF info).
 const SECRET_INFO: &[u8] = b"flow/v1 resumption secret";
+/// What a direction's frame key is derived with (HKDF info).
+const FRAME_KEY_INFO: &[u8] = b"flow/v1 frame key";
 
 /// A ticket's id, as it travels in `Setup`.
 pub type TicketId = [u8; TICKET_ID_LEN];
@@ -68,26 +70,37 @@ pub fn new_ticket_id() -> TicketId {
     rand::random()
 }
 
-/// The ticket secret for `id` on the connection whose split keys are
-/// `initiator_key` and `responder_key` (HKDF-SHA256, the id as salt).
+/// The ticket secret for `id` on the connection whose raw Noise split keys
+/// are `initiator_key` and `responder_key` (HKDF-SHA256, the id as salt).
+/// The frame ciphers use keys derived from the same raw keys under another
+/// label ([`frame_key`]): knowing those does not give this.
 pub fn derive_secret(
     initiator_key: &[u8],
     responder_key: &[u8],
     id: &TicketId,
 ) -> Result<[u8; SECRET_LEN]> {
+    hkdf_sha256(id, &[initiator_key, responder_key].concat(), SECRET_INFO)
+}
+
+/// The frame cipher key for one direction, from that direction's raw Noise
+/// split key.
+pub fn frame_key(raw_key: &[u8]) -> Result<[u8; SECRET_LEN]> {
+    hkdf_sha256(&[], raw_key, FRAME_KEY_INFO)
+}
+
+fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8]) -> Result<[u8; SECRET_LEN]> {
     struct Len;
     impl hkdf::KeyType for Len {
         fn len(&self) -> usize {
             SECRET_LEN
         }
     }
-    let prk =
-        hkdf::Salt::new(hkdf::HKDF_SHA256, id).extract(&[initiator_key, responder_key].concat());
-    let mut secret = [0u8; SECRET_LEN];
-    prk.expand(&[SECRET_INFO], Len)
-        .and_then(|okm| okm.fill(&mut secret))
-        .map_err(|_| Error::bad_state("deriving a resumption secret failed"))?;
-    Ok(secret)
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    let mut out = [0u8; SECRET_LEN];
+    prk.expand(&[info], Len)
+        .and_then(|okm| okm.fill(&mut out))
+        .map_err(|_| Error::bad_state("key derivation failed"))?;
+    Ok(out)
 }
 
 /// The MAC binding a channel (`tag || hash`) under a ticket's secret.
@@ -362,6 +375,11 @@ mod tests {
         let secret = derive(1, 2, 3);
         assert_ne!(secret, derive(1, 2, 4));
         assert_ne!(secret, derive(2, 1, 3));
+        // The frame keys come from the same raw keys under another label.
+        let frame = frame_key(&[1; 32]).unwrap();
+        assert_ne!(frame, [1; 32]);
+        assert_ne!(frame, secret);
+        assert_ne!(frame, frame_key(&[2; 32]).unwrap());
         let mac = binding_mac(&secret, b"tag", b"hash");
         assert!(verify_binding_mac(&secret, b"tag", b"hash", &mac));
         assert!(!verify_binding_mac(&secret, b"tag", b"hasi", &mac));
