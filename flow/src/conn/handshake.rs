@@ -457,6 +457,12 @@ struct OfferedTicket {
     secret: [u8; SECRET_LEN],
 }
 
+impl Drop for OfferedTicket {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
 impl OfferedTicket {
     fn into_ticket(self, peer_key: PublicKey, expires: Instant) -> Ticket {
         Ticket {

@@ -22,6 +22,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ring::{hkdf, hmac};
+use zeroize::Zeroize;
 
 use crate::security::PublicKey;
 use crate::{Error, Result};
@@ -53,6 +54,13 @@ pub struct Ticket {
     /// Named once already and not redeemed (dialer side): a second miss
     /// drops it, so a ticket the acceptor forgot cannot come back forever.
     pub returned: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Copies of the secret do not outlive the tickets holding them.
+        self.secret.zeroize();
+    }
 }
 
 impl std::fmt::Debug for Ticket {
