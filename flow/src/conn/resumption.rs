@@ -130,6 +130,9 @@ pub fn verify_binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8], ma
 
 /// Tickets a dialer keeps per endpoint; it names the oldest.
 const HELD_PER_ENDPOINT: usize = 4;
+/// Tickets an acceptor keeps per peer key: one peer making many
+/// connections cannot push everyone else's tickets out.
+const ISSUED_PER_PEER: usize = HELD_PER_ENDPOINT;
 
 /// The tickets a side has issued (as acceptor) and holds (as dialer),
 /// bounded in number and age. Share one store (it sits in
@@ -149,6 +152,9 @@ pub struct TicketStore {
 #[derive(Default)]
 struct Inner {
     issued: Bounded<TicketId, Ticket>,
+    /// The ids issued to each peer key, oldest first (may name tickets
+    /// already redeemed or forgotten).
+    issued_to: HashMap<PublicKey, VecDeque<TicketId>>,
     held: Bounded<String, VecDeque<Ticket>>,
 }
 
@@ -223,12 +229,30 @@ impl TicketStore {
     /// Acceptor: remembers a ticket issued to a dialer.
     pub fn insert_issued(&self, ticket: Ticket) {
         let capacity = self.capacity;
-        if let Some(slot) = self
-            .inner()
-            .issued
-            .entry(ticket.id, capacity, || ticket.clone())
-        {
+        let (id, peer) = (ticket.id, ticket.peer_key);
+        let mut guard = self.inner();
+        let inner = &mut *guard;
+        if let Some(slot) = inner.issued.entry(id, capacity, || ticket.clone()) {
             *slot = ticket;
+        } else {
+            return;
+        }
+        let live = &mut inner.issued.map;
+        let ids = inner.issued_to.entry(peer).or_default();
+        ids.retain(|id| live.contains_key(id));
+        ids.push_back(id);
+        while ids.len() > ISSUED_PER_PEER {
+            if let Some(oldest) = ids.pop_front() {
+                live.remove(&oldest);
+            }
+        }
+        // Peers whose tickets all went linger here; drop them before they
+        // outnumber the tickets.
+        if inner.issued_to.len() > 2 * capacity {
+            inner.issued_to.retain(|_, ids| {
+                ids.retain(|id| live.contains_key(id));
+                !ids.is_empty()
+            });
         }
     }
 
@@ -375,6 +399,31 @@ mod tests {
             store.redeem(&[id; TICKET_ID_LEN], now);
         }
         assert!(store.inner().issued.order.len() <= 8);
+    }
+
+    #[test]
+    fn one_peer_cannot_push_the_others_tickets_out() {
+        let store = TicketStore::new(8, Duration::from_secs(60));
+        let now = Instant::now();
+        let expires = now + Duration::from_secs(60);
+        let quiet = ticket(1, expires);
+        store.insert_issued(quiet);
+        let noisy = Principal::new().public_key();
+        for i in 10..100u8 {
+            store.insert_issued(Ticket {
+                peer_key: noisy,
+                ..ticket(i, expires)
+            });
+        }
+        assert_eq!(store.len().0, 1 + ISSUED_PER_PEER);
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_some());
+        assert!(store.redeem(&[99; TICKET_ID_LEN], now).is_some());
+        assert!(store.redeem(&[10; TICKET_ID_LEN], now).is_none());
+        // Many peers, one ticket each: the index stays bounded too.
+        for i in 0..200u8 {
+            store.insert_issued(ticket(i, expires));
+        }
+        assert!(store.inner().issued_to.len() <= 2 * 8 + 1);
     }
 
     #[test]
