@@ -180,7 +180,9 @@ pub struct Auth {
     pub blessings_key: u64,
     /// Key of the sender's discharges (0: none).
     pub discharge_key: u64,
-    /// Signature over (role tag || handshake hash).
+    /// The sender's public key, then its proof over (role tag ||
+    /// handshake hash): an ed25519 signature (96 bytes in all), or, on a
+    /// resumed handshake, an HMAC under the ticket's secret (64 bytes).
     pub channel_binding: Bytes,
 }
 

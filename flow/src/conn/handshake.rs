@@ -19,6 +19,11 @@
 //! willing to go first ([`ConnConfig::reveal_to_hidden_acceptors`]) sends its
 //! binding during the handshake; the acceptor answers with a sealed frame of
 //! its real blessings if the dialer may see them, or hangs up.
+//!
+//! Resuming ([`super::resumption`]): the dialer's Setup names a ticket from
+//! its last connection to this acceptor; if the acceptor still holds it,
+//! both `sig(...)` above become `HMAC(ticket secret, tag || h)`. Frame keys
+//! are HKDF-SHA256 of Noise's raw split keys ("flow/v1 frame key").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
