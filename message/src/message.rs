@@ -125,7 +125,7 @@ pub struct SetupOption {
 }
 
 /// Ids of the setup options this version interprets. Ids from
-/// [`FIRST_UNKNOWN_OPTION`] up are free for extensions.
+/// [`FIRST_UNKNOWN_OPTION`](option::FIRST_UNKNOWN_OPTION) up are free for extensions.
 pub mod option {
     /// Largest frame the sender accepts ([`super::Setup::mtu`]).
     pub const MTU: u64 = 1;

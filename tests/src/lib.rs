@@ -406,7 +406,7 @@ enum RawIo {
 /// or broken peer against a real acceptor.
 pub struct RawPeer {
     io: RawIo,
-    /// This side's channel binding (Blessings, [Discharges], Auth), which
+    /// This side's channel binding (Blessings, optional Discharges, Auth), which
     /// must lead the first sealed frame; tests may tamper with it first.
     pub binding: Vec<Message>,
     /// Seals this side's frames.

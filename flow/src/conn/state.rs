@@ -1557,7 +1557,7 @@ impl ConnState {
 
     /// Takes credit for up to `total` bytes on flow `id` (all or nothing,
     /// and at most one message, when fragmentation is disabled). Returns how
-    /// many bytes the caller may now [`ConnState::commit_write`]; it copies
+    /// many bytes the caller may now `commit_write`; it copies
     /// them outside the lock.
     pub fn reserve_write(
         &mut self,
