@@ -492,29 +492,47 @@ pub(crate) fn ticket_key(local: &PublicKey, remote: &Endpoint, rid: RoutingId) -
     )
 }
 
-/// The ticket option of a peer's `Setup`.
+/// The ticket option of a dialer's hello.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum TicketOption {
-    /// Absent: the peer keeps no tickets.
+enum TicketAsk {
+    /// Absent: the dialer keeps no tickets.
     Absent,
-    /// Empty (a dialer asking for a ticket).
-    Ask,
-    /// A ticket id.
-    Id(TicketId),
+    /// Empty: a dialer asking for a ticket.
+    New,
+    /// A ticket to redeem, with the dialer's proof of its secret
+    /// ([`resumption::binder`]); a new ticket is asked for too.
+    Redeem(TicketId, [u8; SECRET_LEN]),
 }
 
-fn ticket_option(setup: &Setup) -> Result<TicketOption> {
-    match &setup.ticket {
-        None => Ok(TicketOption::Absent),
-        Some(bytes) if bytes.is_empty() => Ok(TicketOption::Ask),
-        Some(bytes) => TicketId::try_from(&bytes[..])
-            .map(TicketOption::Id)
-            .map_err(|_| {
-                Error::bad_arg(format!(
-                    "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
-                    bytes.len()
-                ))
-            }),
+fn ticket_ask(setup: &Setup) -> Result<TicketAsk> {
+    match setup.ticket.as_deref() {
+        None => Ok(TicketAsk::Absent),
+        Some([]) => Ok(TicketAsk::New),
+        Some(bytes) => match bytes.split_first_chunk::<TICKET_ID_LEN>() {
+            Some((id, proof)) if proof.len() == SECRET_LEN => {
+                let mut binder = [0u8; SECRET_LEN];
+                binder.copy_from_slice(proof);
+                Ok(TicketAsk::Redeem(*id, binder))
+            }
+            _ => Err(Error::bad_arg(format!(
+                "peer's resumption ticket has {} bytes (want {})",
+                bytes.len(),
+                TICKET_ID_LEN + SECRET_LEN
+            ))),
+        },
+    }
+}
+
+/// The ticket an acceptor's `Setup` issues, if any.
+fn ticket_offered(setup: &Setup) -> Result<Option<TicketId>> {
+    match setup.ticket.as_deref() {
+        None => Ok(None),
+        Some(bytes) => TicketId::try_from(bytes).map(Some).map_err(|_| {
+            Error::bad_arg(format!(
+                "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
+                bytes.len()
+            ))
+        }),
     }
 }
 
@@ -560,22 +578,28 @@ impl Dialer {
         now: Instant,
     ) -> Result<(Dialer, Bytes)> {
         let suite = Suite::preferred();
-        let mut noise = noise_builder(suite, None)?
-            .build_initiator()
-            .map_err(|e| noise_err("initiator", e))?;
         let resume = params.config.resumption.as_ref().and_then(|store| {
             let key = ticket_key(&params.principal.public_key(), &remote, remote.routing_id());
             store.take_held(&key, now)
         });
-        // With a store, the hello always carries the option: the ticket to
-        // redeem, or empty to ask for one (an acceptor issues tickets only
-        // to dialers that keep them).
-        let ticket: Option<&[u8]> = match (&params.config.resumption, &resume) {
-            (Some(_), Some(t)) => Some(&t.id),
-            (Some(_), None) => Some(&[]),
-            (None, _) => None,
+        // With a store, the hello always carries the option: empty to ask
+        // for a ticket (an acceptor issues tickets only to dialers that
+        // keep them), or a ticket to redeem with a proof of its secret over
+        // this hello's ephemeral key, made here for the purpose.
+        let (ticket, prepared) = match (&params.config.resumption, &resume) {
+            (Some(_), Some(t)) => {
+                let key = PreparedKey::generate()
+                    .map_err(|e| noise_err("making the ephemeral key", e))?;
+                let proof = resumption::binder(&t.secret, key.public());
+                (Some([&t.id[..], &proof[..]].concat()), Some(key))
+            }
+            (Some(_), None) => (Some(Vec::new()), None),
+            (None, _) => (None, None),
         };
-        let payload = encode_setup(local_setup(&params, Some(&remote), ticket));
+        let mut noise = noise_builder(suite, prepared)?
+            .build_initiator()
+            .map_err(|e| noise_err("initiator", e))?;
+        let payload = encode_setup(local_setup(&params, Some(&remote), ticket.as_deref()));
         let mut frame = vec![0u8; MAGIC.len() + 1 + noise_message_len(payload.len())];
         frame[..2].copy_from_slice(MAGIC);
         frame[2] = suite.id();
@@ -611,9 +635,9 @@ impl Dialer {
         let setup = decode_setup(Bytes::from(payload))?;
         let (version, max_frame) = negotiate(&self.params, &setup)?;
         let hash = self.noise.get_handshake_hash().to_vec();
-        let offered = match (&self.params.config.resumption, ticket_option(&setup)?) {
-            (Some(_), TicketOption::Id(id)) => Some(id),
-            _ => None,
+        let offered = match &self.params.config.resumption {
+            Some(_) => ticket_offered(&setup)?,
+            None => None,
         };
         let (sealer, opener, offered) =
             split_keys(&mut self.noise, self.suite, Role::Dialer, offered)?;
@@ -950,15 +974,21 @@ impl Acceptor {
             None => self.params.config.resumption.as_ref(),
             Some(_) => None,
         };
-        let asked = ticket_option(&setup)?;
+        let asked = ticket_ask(&setup)?;
+        // The Noise message began with the dialer's ephemeral key.
+        let ephemeral_key = frame
+            .get(MAGIC.len() + 1..MAGIC.len() + 1 + NOISE_E_LEN)
+            .ok_or_else(|| Error::bad_arg("handshake hello is truncated"))?;
         let resume = match (store, asked) {
-            (Some(store), TicketOption::Id(id)) => store.redeem(&id, now),
+            (Some(store), TicketAsk::Redeem(id, proof)) => store.redeem(&id, now, |ticket| {
+                resumption::verify_binder(&ticket.secret, ephemeral_key, &proof)
+            }),
             _ => None,
         };
         // Only to a dialer that keeps tickets: one that never redeems them
         // would only push others' out of the store.
         let offered = match (store, asked) {
-            (Some(_), TicketOption::Ask | TicketOption::Id(_)) => Some(resumption::new_ticket_id()),
+            (Some(_), TicketAsk::New | TicketAsk::Redeem(..)) => Some(resumption::new_ticket_id()),
             _ => None,
         };
         let our_setup = encode_setup(local_setup(

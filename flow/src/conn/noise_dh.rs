@@ -46,6 +46,11 @@ impl PreparedKey {
         );
         Ok(PreparedKey { private, public })
     }
+
+    /// The public half.
+    pub(crate) fn public(&self) -> &[u8; KEY_LEN] {
+        &self.public
+    }
 }
 
 /// The resolver the handshake builds its Noise state with: X25519 from

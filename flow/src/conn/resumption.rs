@@ -2,20 +2,22 @@
 //! its last connection instead of signatures.
 //!
 //! A dialer that keeps tickets says so in its hello (the `ticket` option:
-//! a ticket to redeem, or empty). The acceptor then issues one: a random
+//! empty, or a ticket to redeem). The acceptor then issues one: a random
 //! id, sent inside its (encrypted) `Setup`, and a secret both sides derive
-//! from that connection's keys and the id. Each side remembers the ticket with
-//! the key the peer proved in that handshake: the acceptor under the id, the
-//! dialer under the endpoint it dialed. When the dialer dials that endpoint
-//! again it names the ticket in its hello; if the acceptor still holds it,
-//! both sides bind the new channel with an HMAC under the secret instead of
-//! an ed25519 signature, and each checks that the peer's blessings are for
+//! from that connection's keys and the id. Each side remembers the ticket
+//! with the key the peer proved in that handshake: the acceptor under the
+//! id, the dialer under its own key and the peer it reached. When the
+//! dialer comes back it names the ticket in its hello with a proof that it
+//! holds the secret ([`binder`], over the hello's ephemeral key); if the
+//! acceptor still holds the ticket and the proof checks out, both sides
+//! bind the new channel with an HMAC under the secret instead of an
+//! ed25519 signature, and each checks that the peer's blessings are for
 //! the key recorded with the ticket. Blessings, discharges and authorizers
 //! are checked exactly as in a full handshake. A ticket is good for one
-//! connection (the acceptor forgets it when it is named, the dialer when it
-//! names it); the resumed connection issues the next. An unknown, expired
-//! or forgotten ticket costs nothing: the acceptor signs as usual and the
-//! dialer follows.
+//! connection (the acceptor forgets it when it is redeemed, the dialer when
+//! it names it); the resumed connection issues the next. An unknown,
+//! expired or unproven ticket costs nothing: the acceptor signs as usual
+//! and the dialer follows.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -126,6 +128,21 @@ pub fn binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8]) -> [u8; S
 pub fn verify_binding_mac(secret: &[u8; SECRET_LEN], tag: &[u8], hash: &[u8], mac: &[u8]) -> bool {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     hmac::verify(&key, &[tag, hash].concat(), mac).is_ok()
+}
+
+/// What a dialer's proof of a ticket's secret is made with (HMAC label).
+const BINDER_LABEL: &[u8] = b"flow/v1 ticket binder";
+
+/// A dialer's proof that it holds `secret`, over the ephemeral key of the
+/// very hello that names the ticket: an observer who saw a ticket id
+/// cannot make an acceptor spend it.
+pub fn binder(secret: &[u8; SECRET_LEN], ephemeral_key: &[u8]) -> [u8; SECRET_LEN] {
+    binding_mac(secret, BINDER_LABEL, ephemeral_key)
+}
+
+/// Whether `proof` is [`binder`]`(secret, ephemeral_key)` (constant time).
+pub fn verify_binder(secret: &[u8; SECRET_LEN], ephemeral_key: &[u8], proof: &[u8]) -> bool {
+    verify_binding_mac(secret, BINDER_LABEL, ephemeral_key, proof)
 }
 
 /// Tickets a dialer keeps per endpoint; it names the oldest.
@@ -256,13 +273,26 @@ impl TicketStore {
         }
     }
 
-    /// Acceptor: takes the ticket a dialer names, if it is known and alive.
-    pub fn redeem(&self, id: &TicketId, now: Instant) -> Option<Ticket> {
-        self.inner()
-            .issued
-            .map
-            .remove(id)
-            .filter(|t| t.expires > now)
+    /// Acceptor: takes the ticket a dialer names, if it is known, alive,
+    /// and `proven` says the dialer holds its secret; a ticket named
+    /// without that proof stays (so naming it costs its holder nothing).
+    pub fn redeem(
+        &self,
+        id: &TicketId,
+        now: Instant,
+        proven: impl FnOnce(&Ticket) -> bool,
+    ) -> Option<Ticket> {
+        let mut inner = self.inner();
+        let map = &mut inner.issued.map;
+        let ticket = map.get(id)?;
+        if ticket.expires <= now {
+            map.remove(id);
+            return None;
+        }
+        if !proven(ticket) {
+            return None;
+        }
+        map.remove(id)
     }
 
     /// Dialer: remembers a ticket the acceptor at `endpoint` issued (the
@@ -357,11 +387,15 @@ mod tests {
         let now = Instant::now();
         store.insert_issued(ticket(1, now + Duration::from_secs(60)));
         store.insert_issued(ticket(2, now + Duration::from_secs(1)));
-        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_some());
-        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_none());
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now, |_| true).is_some());
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now, |_| true).is_none());
         let later = now + Duration::from_secs(2);
-        assert!(store.redeem(&[2; TICKET_ID_LEN], later).is_none());
+        assert!(store.redeem(&[2; TICKET_ID_LEN], later, |_| true).is_none());
         assert_eq!(store.len(), (0, 0));
+        // Without the proof, a live ticket is neither redeemed nor spent.
+        store.insert_issued(ticket(3, now + Duration::from_secs(60)));
+        assert!(store.redeem(&[3; TICKET_ID_LEN], now, |_| false).is_none());
+        assert!(store.redeem(&[3; TICKET_ID_LEN], now, |_| true).is_some());
     }
 
     #[test]
@@ -374,8 +408,8 @@ mod tests {
             store.insert_held(format!("ep{i}"), ticket(i, expires));
         }
         assert_eq!(store.len(), (4, 4));
-        assert!(store.redeem(&[5; TICKET_ID_LEN], now).is_none());
-        assert!(store.redeem(&[6; TICKET_ID_LEN], now).is_some());
+        assert!(store.redeem(&[5; TICKET_ID_LEN], now, |_| true).is_none());
+        assert!(store.redeem(&[6; TICKET_ID_LEN], now, |_| true).is_some());
         assert!(store.take_held("ep5", now).is_none());
         assert!(store.take_held("ep9", now).is_some());
         // A few per endpoint, the oldest named first, the newest kept.
@@ -396,7 +430,7 @@ mod tests {
         for i in 0..1000u32 {
             let id = (i % 200) as u8;
             store.insert_issued(ticket(id, expires));
-            store.redeem(&[id; TICKET_ID_LEN], now);
+            store.redeem(&[id; TICKET_ID_LEN], now, |_| true);
         }
         assert!(store.inner().issued.order.len() <= 8);
     }
@@ -416,9 +450,9 @@ mod tests {
             });
         }
         assert_eq!(store.len().0, 1 + ISSUED_PER_PEER);
-        assert!(store.redeem(&[1; TICKET_ID_LEN], now).is_some());
-        assert!(store.redeem(&[99; TICKET_ID_LEN], now).is_some());
-        assert!(store.redeem(&[10; TICKET_ID_LEN], now).is_none());
+        assert!(store.redeem(&[1; TICKET_ID_LEN], now, |_| true).is_some());
+        assert!(store.redeem(&[99; TICKET_ID_LEN], now, |_| true).is_some());
+        assert!(store.redeem(&[10; TICKET_ID_LEN], now, |_| true).is_none());
         // Many peers, one ticket each: the index stays bounded too.
         for i in 0..200u8 {
             store.insert_issued(ticket(i, expires));
@@ -442,5 +476,9 @@ mod tests {
         assert!(!verify_binding_mac(&secret, b"tag", b"hasi", &mac));
         assert!(!verify_binding_mac(&secret, b"taf", b"hash", &mac));
         assert!(!verify_binding_mac(&[0; SECRET_LEN], b"tag", b"hash", &mac));
+        let proof = binder(&secret, &[7; 32]);
+        assert!(verify_binder(&secret, &[7; 32], &proof));
+        assert!(!verify_binder(&secret, &[8; 32], &proof));
+        assert_ne!(proof, binding_mac(&secret, b"tag", &[7; 32]));
     }
 }
