@@ -13,7 +13,7 @@ use flow::naming::{Endpoint, RoutingId};
 use flow::security::Principal;
 use flow::transport::{FramedConn, Listener, Protocol};
 use flow::{Error, ErrorKind, Result};
-use flow_manager::{Manager, PinOptions};
+use flow_manager::{ListenHandle, Manager, PinOptions};
 use flow_protocols::Registry;
 use futures::future::BoxFuture;
 
@@ -62,6 +62,21 @@ impl FlushAll for flow::conn::FlowWriter {
                 .map_err(|e| Error::network(e.to_string()))
         })
     }
+}
+
+/// A new echoing server with `principal` and `rid`, listening on `ep`'s
+/// address again (retrying while the old listener's port is released).
+async fn restart(principal: Principal, rid: RoutingId, ep: &Endpoint) -> (Manager, ListenHandle) {
+    let restarted = Manager::builder(principal).routing_id(rid).build();
+    let addr = ep.address();
+    for _ in 0..50 {
+        if let Ok(listening) = restarted.listen("tcp", addr).await {
+            serve_echo(&restarted);
+            return (restarted, listening);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not listen on {addr} again");
 }
 
 async fn echo_once(client: &Manager, ep: &Endpoint, msg: &[u8]) -> Vec<u8> {
@@ -278,20 +293,7 @@ async fn a_manager_redialing_a_server_resumes_and_a_restarted_server_signs_again
     // The server restarts: its tickets are gone, so the next handshake
     // signs (and leaves a ticket for the one after).
     server.close().await;
-    let restarted = Manager::builder(principal).routing_id(rid).build();
-    let addr = ep.address().to_string();
-    let mut relisten = None;
-    for _ in 0..50 {
-        match restarted.listen("tcp", &addr).await {
-            Ok(h) => {
-                relisten = Some(h);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    assert!(relisten.is_some(), "could not listen on {addr} again");
-    serve_echo(&restarted);
+    let (_restarted, _listening) = restart(principal, rid, &ep).await;
     let flow = within(5, client.dial(&ep, everyone(), Duration::ZERO))
         .await
         .unwrap();
@@ -330,20 +332,7 @@ async fn pinned_connection_survives_the_peer_restarting() {
     assert!(client.is_pinned(&first));
     // The server goes away and comes back on the same address.
     server.close().await;
-    let restarted = Manager::builder(principal).routing_id(rid).build();
-    let addr = ep.address().to_string();
-    let mut relisten = None;
-    for _ in 0..50 {
-        match restarted.listen("tcp", &addr).await {
-            Ok(h) => {
-                relisten = Some(h);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    assert!(relisten.is_some(), "could not listen on {addr} again");
-    serve_echo(&restarted);
+    let (_restarted, _listening) = restart(principal, rid, &ep).await;
     within(10, async {
         while pinned.conn() == first || pinned.conn().is_closed() {
             pinned.changed().await;

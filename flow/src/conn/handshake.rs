@@ -514,25 +514,24 @@ fn ticket_ask(setup: &Setup) -> Result<TicketAsk> {
                 binder.copy_from_slice(proof);
                 Ok(TicketAsk::Redeem(*id, binder))
             }
-            _ => Err(Error::bad_arg(format!(
-                "peer's resumption ticket has {} bytes (want {})",
-                bytes.len(),
-                TICKET_ID_LEN + SECRET_LEN
-            ))),
+            _ => Err(bad_ticket_length(bytes.len(), TICKET_ID_LEN + SECRET_LEN)),
         },
     }
+}
+
+fn bad_ticket_length(len: usize, want: usize) -> Error {
+    Error::bad_arg(format!(
+        "peer's resumption ticket has {len} bytes (want {want})"
+    ))
 }
 
 /// The ticket an acceptor's `Setup` issues, if any.
 fn ticket_offered(setup: &Setup) -> Result<Option<TicketId>> {
     match setup.ticket.as_deref() {
         None => Ok(None),
-        Some(bytes) => TicketId::try_from(bytes).map(Some).map_err(|_| {
-            Error::bad_arg(format!(
-                "peer's resumption ticket has {} bytes (want {TICKET_ID_LEN})",
-                bytes.len()
-            ))
-        }),
+        Some(bytes) => TicketId::try_from(bytes)
+            .map(Some)
+            .map_err(|_| bad_ticket_length(bytes.len(), TICKET_ID_LEN)),
     }
 }
 
@@ -570,6 +569,14 @@ impl std::fmt::Debug for Dialer {
     }
 }
 
+impl HandshakeParams {
+    /// Where this side, dialing `remote`, keeps tickets of the peer with
+    /// routing id `rid` there.
+    fn held_key(&self, remote: &Endpoint, rid: RoutingId) -> String {
+        ticket_key(&self.principal.public_key(), remote, rid)
+    }
+}
+
 impl Dialer {
     /// Starts a handshake to `remote`; returns the first frame to send.
     pub fn start(
@@ -578,10 +585,10 @@ impl Dialer {
         now: Instant,
     ) -> Result<(Dialer, Bytes)> {
         let suite = Suite::preferred();
-        let resume = params.config.resumption.as_ref().and_then(|store| {
-            let key = ticket_key(&params.principal.public_key(), &remote, remote.routing_id());
-            store.take_held(&key, now)
-        });
+        let resume =
+            params.config.resumption.as_ref().and_then(|store| {
+                store.take_held(&params.held_key(&remote, remote.routing_id()), now)
+            });
         // With a store, the hello always carries the option: empty to ask
         // for a ticket (an acceptor issues tickets only to dialers that
         // keep them), or a ticket to redeem with a proof of its secret over
@@ -677,11 +684,7 @@ impl Dialer {
             Some(ticket) if !peer.resumed => {
                 if let Some(store) = &self.params.config.resumption {
                     store.return_held(
-                        ticket_key(
-                            &self.params.principal.public_key(),
-                            &self.remote,
-                            self.remote.routing_id(),
-                        ),
+                        self.params.held_key(&self.remote, self.remote.routing_id()),
                         ticket,
                     );
                 }
@@ -753,20 +756,17 @@ impl Dialer {
         if let (Some(store), Some((ticket, expires))) =
             (&self.params.config.resumption, answer.offered.take())
         {
+            // Under the peer it reached: dialing a proxied endpoint first
+            // reaches the proxy, whose ticket must not be taken for the
+            // server's. A shorthand endpoint (no routing id) keeps its key,
+            // so dialing it again finds the ticket.
+            let rid = if self.remote.routing_id().is_null() {
+                self.remote.routing_id()
+            } else {
+                remote_endpoint.routing_id()
+            };
             store.insert_held(
-                // Under the peer it reached: dialing a proxied endpoint
-                // first reaches the proxy, whose ticket must not be taken
-                // for the server's. A shorthand endpoint (no routing id)
-                // keeps its key, so dialing it again finds the ticket.
-                ticket_key(
-                    &self.params.principal.public_key(),
-                    &self.remote,
-                    if self.remote.routing_id().is_null() {
-                        self.remote.routing_id()
-                    } else {
-                        remote_endpoint.routing_id()
-                    },
-                ),
+                self.params.held_key(&self.remote, rid),
                 ticket.into_ticket(peer.key, expires),
             );
         }

@@ -249,9 +249,8 @@ impl TicketStore {
         let (id, peer) = (ticket.id, ticket.peer_key);
         let mut guard = self.inner();
         let inner = &mut *guard;
-        if let Some(slot) = inner.issued.entry(id, capacity, || ticket.clone()) {
-            *slot = ticket;
-        } else {
+        // Ids are random: a new one is never taken already.
+        if inner.issued.entry(id, capacity, move || ticket).is_none() {
             return;
         }
         let live = &mut inner.issued.map;

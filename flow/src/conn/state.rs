@@ -1895,11 +1895,12 @@ fn emit_flow(
         if closing {
             flags = flags | Flags::CLOSE;
         }
+        let (blessings_key, discharge_key) = entry.keys().local;
         let open = OpenFlow {
             id,
             initial_tokens: entry.window.outstanding(),
-            blessings_key: entry.keys().local.0,
-            discharge_key: entry.keys().local.1,
+            blessings_key,
+            discharge_key,
             flags,
             payload: Bytes::new(),
         };
