@@ -43,12 +43,20 @@ pub trait FrameWriter: Send + 'static {
         false
     }
 
-    /// Takes as many of `frames`, in order and each whole, as the transport
-    /// can take right now without waiting; returns how many it took. The
-    /// rest go through [`FrameWriter::write_frames`] later.
+    /// Takes as many of `frames`, in order, as the transport can take right
+    /// now without waiting; returns how many it took. The rest go through
+    /// [`FrameWriter::write_frames`] later. A transport may take a frame in
+    /// part: it keeps the rest, reports it with
+    /// [`FrameWriter::has_pending`], and writes it first on the next call.
     fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
         let _ = frames;
         Ok(0)
+    }
+
+    /// Whether bytes of frames already taken wait to be written: a
+    /// [`FrameWriter::write_frames`] call, even with no frames, writes them.
+    fn has_pending(&self) -> bool {
+        false
     }
 
     /// Flushes and closes the write direction: the peer's reader sees a clean

@@ -142,7 +142,7 @@ impl Harness {
         for &id in self.handles.iter().take(8) {
             // Read until the flow has nothing more for now.
             for _ in 0..64 {
-                match self.state.poll_read(&mut Self::cx(), self.now, id, max) {
+                match self.state.poll_read(&mut Self::cx(), || self.now, id, max) {
                     Poll::Ready(Ok(Some(chunk))) => {
                         assert!(chunk.len() <= max, "read {} > max {max}", chunk.len());
                     }

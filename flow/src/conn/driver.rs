@@ -536,9 +536,10 @@ impl Transmitter {
         }
     }
 
-    /// Whether sealed frames wait for the transport.
+    /// Whether sealed frames, or the rest of one the transport took in
+    /// part, wait for the transport.
     fn has_unwritten(&self) -> bool {
-        !self.sealed.is_empty()
+        !self.sealed.is_empty() || self.writer.has_pending()
     }
 
     /// Builds a batch of frames from what `state` has to send.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::test_pipe::{pipe, pipe_with, refusable_pipe};
+use super::test_pipe::{holding_pipe, pipe, pipe_with, refusable_pipe};
 use super::*;
 use crate::auth::{AllowEveryone, AuthorizedPeer, PatternAuthorizer, PeerAuthorizer, PeerInfo};
 use crate::naming::{Endpoint, RoutingId};
@@ -466,6 +466,26 @@ async fn over_a_transport_that_never_waits_the_writing_task_sends_its_frames() {
     flow.write_msg(&[b"second"]).await.unwrap();
     assert!(dialer.stats().messages_sent > before);
     assert_eq!(&accepted.read_msg().await.unwrap().unwrap()[..], b"second");
+}
+
+#[tokio::test]
+async fn bytes_a_transport_took_but_holds_are_flushed_by_the_writer() {
+    // The transport takes every frame sent inline but keeps it until its
+    // next `write_frames` (as tcp keeps the rest of a frame it took in
+    // part). Nothing else is sent: only the writer task can flush them.
+    let (dialer, acceptor) = pair_over(holding_pipe()).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"held"]).await.unwrap();
+    let mut accepted = within(acceptor.accept_flow()).await.unwrap();
+    assert_eq!(
+        &within(accepted.read_msg()).await.unwrap().unwrap()[..],
+        b"held"
+    );
+    accepted.write_msg(&[b"back"]).await.unwrap();
+    assert_eq!(
+        &within(flow.read_msg()).await.unwrap().unwrap()[..],
+        b"back"
+    );
 }
 
 #[tokio::test]

@@ -266,7 +266,7 @@ impl FlowReader {
             .shared
             .state
             .lock()
-            .poll_read(cx, Instant::now(), inner.id, max)
+            .poll_read(cx, Instant::now, inner.id, max)
     }
 
     /// See [`Flow::read_msg`].

@@ -148,11 +148,12 @@ impl RecvWindow {
     /// window doubles when half of it was read within two round trips, up to
     /// `max_window` and as far as `budget` allows). A window larger than
     /// `max_window` (the cap dropped, say because other flows became busy)
-    /// shrinks: part of what was read is not granted back.
+    /// shrinks: part of what was read is not granted back. `now` is asked
+    /// only when credit is granted.
     pub(crate) fn on_consumed(
         &mut self,
         n: u64,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
         rtt: Duration,
         max_window: u64,
         budget: &mut Budget,
@@ -164,6 +165,7 @@ impl RecvWindow {
         if self.unreleased == 0 || self.unreleased < self.window.div_ceil(2) {
             return None;
         }
+        let now = now();
         if self.window > max_window {
             // Shrink by withholding credit, never below what is buffered or
             // already granted.
@@ -324,8 +326,8 @@ mod tests {
         let mut w = RecvWindow::new(1000);
         let t0 = Instant::now();
         w.on_data(1000).unwrap();
-        assert_eq!(w.on_consumed(499, t0, RTT, 1000, &mut budget), None);
-        assert_eq!(w.on_consumed(1, t0, RTT, 1000, &mut budget), Some(500));
+        assert_eq!(w.on_consumed(499, || t0, RTT, 1000, &mut budget), None);
+        assert_eq!(w.on_consumed(1, || t0, RTT, 1000, &mut budget), Some(500));
         assert!(w.is_conserved());
         assert_eq!(w.outstanding(), 500);
     }
@@ -345,10 +347,10 @@ mod tests {
         let t0 = Instant::now();
         w.on_data(1000).unwrap();
         // The first release has no earlier one to compare with: no growth.
-        assert_eq!(w.on_consumed(500, t0, RTT, 8000, &mut budget), Some(500));
+        assert_eq!(w.on_consumed(500, || t0, RTT, 8000, &mut budget), Some(500));
         // Half a window again within 2 RTT: doubles.
         assert_eq!(
-            w.on_consumed(500, t0 + RTT, RTT, 8000, &mut budget),
+            w.on_consumed(500, || t0 + RTT, RTT, 8000, &mut budget),
             Some(1500)
         );
         assert_eq!(w.window(), 2000);
@@ -356,14 +358,14 @@ mod tests {
         // Budget only had 500 left.
         w.on_data(2000).unwrap();
         assert_eq!(
-            w.on_consumed(1000, t0 + RTT * 2, RTT, 8000, &mut budget),
+            w.on_consumed(1000, || t0 + RTT * 2, RTT, 8000, &mut budget),
             Some(1500)
         );
         assert_eq!(w.window(), 2500);
         assert_eq!(budget.available(), 0);
         // Slow reading does not grow.
         assert_eq!(
-            w.on_consumed(1000, t0 + RTT * 20, RTT, 8000, &mut budget),
+            w.on_consumed(1000, || t0 + RTT * 20, RTT, 8000, &mut budget),
             None
         );
         assert!(w.is_conserved());
@@ -378,10 +380,13 @@ mod tests {
         w.on_data(8000).unwrap();
         // Half read with a cap of 2000: 4000 read, 4000 of it withheld... at
         // most what was read.
-        assert_eq!(w.on_consumed(4000, t0, RTT, 2000, &mut budget), None);
+        assert_eq!(w.on_consumed(4000, || t0, RTT, 2000, &mut budget), None);
         assert_eq!(w.window(), 4000);
         assert!(w.is_conserved());
-        assert_eq!(w.on_consumed(4000, t0, RTT, 2000, &mut budget), Some(2000));
+        assert_eq!(
+            w.on_consumed(4000, || t0, RTT, 2000, &mut budget),
+            Some(2000)
+        );
         assert_eq!(w.window(), 2000);
         assert_eq!(budget.used(), 2000);
         assert!(w.is_conserved());
@@ -434,7 +439,7 @@ mod tests {
                     }
                 } else {
                     let n = n.min(w.buffered());
-                    let _ = w.on_consumed(n, now, RTT, 64 * 1024, &mut budget);
+                    let _ = w.on_consumed(n, || now, RTT, 64 * 1024, &mut budget);
                 }
                 prop_assert!(w.is_conserved());
                 prop_assert!(w.buffered() <= w.window());

@@ -31,6 +31,11 @@ use crate::{Error, ErrorKind, Result};
 /// Identifies a flow within its connection.
 pub type FlowId = u64;
 
+/// A table keyed by flow id. Ids come from the peer, so the hash is keyed
+/// per table (foldhash's random state), not a fixed function a peer could
+/// aim collisions at; it is several times cheaper than SipHash.
+type FlowMap<V> = HashMap<FlowId, V, foldhash::fast::RandomState>;
+
 /// Which side of the handshake this end was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -328,10 +333,10 @@ pub struct ConnState {
     /// Boxed: the table holds a pointer per slot, so its spare capacity
     /// and the copy it leaves behind each time it grows stay small (idle
     /// memory per flow), and re-keying a flow moves a pointer.
-    flows: HashMap<FlowId, Box<FlowEntry>>,
+    flows: FlowMap<Box<FlowEntry>>,
     next_local_seq: u64,
     next_provisional: u64,
-    aliases: HashMap<FlowId, FlowId>,
+    aliases: FlowMap<FlowId>,
     highest_peer_id: Option<FlowId>,
     accept_queue: VecDeque<FlowId>,
     accept_waker: Option<Waker>,
@@ -425,10 +430,10 @@ impl ConnState {
             version: est.version,
             max_frame: est.max_frame,
             max_recv_frame: est.max_recv_frame,
-            flows: HashMap::new(),
+            flows: FlowMap::default(),
             next_local_seq: 1,
             next_provisional: 1,
-            aliases: HashMap::new(),
+            aliases: FlowMap::default(),
             highest_peer_id: None,
             accept_queue: VecDeque::new(),
             accept_waker: None,
@@ -1500,14 +1505,17 @@ impl ConnState {
     }
 
     /// Reads the next chunk of at most `max` bytes from flow `id`;
-    /// `Ok(None)` at the end of the flow.
+    /// `Ok(None)` at the end of the flow. `now` gives the time, asked only
+    /// when the read grants credit back or another flow is busy too.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
         id: FlowId,
         max: usize,
     ) -> Poll<Result<Option<Bytes>>> {
+        // Most reads need no time: the clock is read only if one does.
+        let now = std::cell::LazyCell::new(now);
         let id = self.resolve(id);
         let rtt = self.rtt;
         // While another flow is busy too, a flow keeps a smaller window, so it
@@ -1533,7 +1541,7 @@ impl ConnState {
             if error.is_none()
                 && let Some(release) = entry.window.on_consumed(
                     chunk.len() as u64,
-                    now,
+                    || *now,
                     rtt,
                     max_window,
                     &mut self.budget,

@@ -128,7 +128,7 @@ fn read_all(conn: &mut ConnState, id: FlowId) -> (Vec<u8>, bool) {
 fn read_all_at(conn: &mut ConnState, id: FlowId, now: Instant) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     loop {
-        match conn.poll_read(&mut cx(), now, id, usize::MAX) {
+        match conn.poll_read(&mut cx(), || now, id, usize::MAX) {
             Poll::Ready(Ok(Some(b))) => out.extend_from_slice(&b),
             Poll::Ready(Ok(None)) => return (out, true),
             Poll::Ready(Err(e)) => panic!("read failed: {e}"),
@@ -435,10 +435,10 @@ fn teardown_reason_reaches_the_peer_and_fails_its_flows() {
     );
     // Bytes already received are still readable, then the error.
     assert!(
-        matches!(p.b.poll_read(&mut cx(), p.now, g, 100), Poll::Ready(Ok(Some(b))) if &b[..] == b"data")
+        matches!(p.b.poll_read(&mut cx(), || p.now, g, 100), Poll::Ready(Ok(Some(b))) if &b[..] == b"data")
     );
     assert!(matches!(
-        p.b.poll_read(&mut cx(), p.now, g, 100),
+        p.b.poll_read(&mut cx(), || p.now, g, 100),
         Poll::Ready(Err(_))
     ));
     assert!(p.b.open_flow(FlowOptions::default()).is_err());
@@ -463,7 +463,7 @@ fn whole_messages_keep_their_boundaries() {
     p.pump();
     let g = g.unwrap();
     let mut got = Vec::new();
-    while let Poll::Ready(Ok(Some(b))) = p.b.poll_read(&mut cx(), p.now, g, usize::MAX) {
+    while let Poll::Ready(Ok(Some(b))) = p.b.poll_read(&mut cx(), || p.now, g, usize::MAX) {
         got.push(b.len());
     }
     assert_eq!(got, vec![3, 4, 3000]);
@@ -786,7 +786,7 @@ proptest! {
                         let side = if t.by_a { &mut p.b } else { &mut p.a };
                         while accept(side).is_some() {}
                         let Some(wire) = wire else { continue };
-                        if let Poll::Ready(r) = side.poll_read(&mut cx(), p.now, wire, n) {
+                        if let Poll::Ready(r) = side.poll_read(&mut cx(), || p.now, wire, n) {
                             match r.unwrap() {
                                 Some(b) => t.read.extend_from_slice(&b),
                                 None => t.eof = true,

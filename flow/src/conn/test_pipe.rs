@@ -18,6 +18,9 @@ pub(crate) struct PipeEnd {
     writes_without_waiting: bool,
     /// While set, `try_write_frames` takes nothing (as if full).
     refusing: Arc<AtomicBool>,
+    /// Whether `try_write_frames` keeps what it takes for the next
+    /// `write_frames` (as a stream transport keeps a frame taken in part).
+    holds_taken: bool,
 }
 
 /// Two connected ends.
@@ -36,6 +39,30 @@ pub(crate) fn pipe_with(
     (a, b)
 }
 
+/// Two connected ends whose writers take every frame without waiting but
+/// keep them (reported by `has_pending`) until the next `write_frames`.
+pub(crate) fn holding_pipe() -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
+    let (mut a, mut b) = (pipe_end(64, true, "a"), pipe_end(64, true, "b"));
+    std::mem::swap(&mut a.rx, &mut b.rx);
+    a.holds_taken = true;
+    b.holds_taken = true;
+    (Box::new(a), Box::new(b))
+}
+
+/// One end whose receiver is its own sender's (to be swapped with the
+/// other end's).
+fn pipe_end(capacity: usize, writes_without_waiting: bool, name: &'static str) -> PipeEnd {
+    let (tx, rx) = mpsc::channel(capacity);
+    PipeEnd {
+        tx,
+        rx,
+        name,
+        writes_without_waiting,
+        refusing: Arc::new(AtomicBool::new(false)),
+        holds_taken: false,
+    }
+}
+
 /// Like [`pipe_with`], plus a switch that makes both ends' non-blocking
 /// writes take nothing while it is on.
 pub(crate) fn refusable_pipe(
@@ -52,6 +79,7 @@ pub(crate) fn refusable_pipe(
             name: "a",
             writes_without_waiting,
             refusing: refusing.clone(),
+            holds_taken: false,
         }),
         Box::new(PipeEnd {
             tx: b_tx,
@@ -59,6 +87,7 @@ pub(crate) fn refusable_pipe(
             name: "b",
             writes_without_waiting,
             refusing: refusing.clone(),
+            holds_taken: false,
         }),
         refusing,
     )
@@ -69,6 +98,9 @@ struct PipeWriter {
     tx: Option<mpsc::Sender<Bytes>>,
     writes_without_waiting: bool,
     refusing: Arc<AtomicBool>,
+    holds_taken: bool,
+    /// Frames taken but not yet sent (with `holds_taken`).
+    held: Vec<Bytes>,
 }
 
 impl FrameReader for PipeReader {
@@ -83,7 +115,7 @@ impl FrameWriter for PipeWriter {
             let Some(tx) = &self.tx else {
                 return Err(Error::network("pipe closed"));
             };
-            for f in frames {
+            for f in std::mem::take(&mut self.held).iter().chain(frames) {
                 tx.send(f.clone())
                     .await
                     .map_err(|_| Error::network("pipe closed"))?;
@@ -103,6 +135,10 @@ impl FrameWriter for PipeWriter {
         if self.refusing.load(Ordering::SeqCst) {
             return Ok(0);
         }
+        if self.holds_taken {
+            self.held.extend_from_slice(frames);
+            return Ok(frames.len());
+        }
         for (taken, f) in frames.iter().enumerate() {
             match tx.try_send(f.clone()) {
                 Ok(()) => {}
@@ -113,6 +149,10 @@ impl FrameWriter for PipeWriter {
             }
         }
         Ok(frames.len())
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.held.is_empty()
     }
 
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
@@ -129,6 +169,8 @@ impl FramedConn for PipeEnd {
                 tx: Some(self.tx),
                 writes_without_waiting: self.writes_without_waiting,
                 refusing: self.refusing,
+                holds_taken: self.holds_taken,
+                held: Vec::new(),
             }),
         )
     }
