@@ -25,6 +25,13 @@ pub(crate) const PREFIX_LEN: usize = 4;
 /// How much a reader asks the kernel for at least, per read.
 const READ_CHUNK: usize = 128 * 1024;
 
+/// Frames up to this size are copied out of the read buffer rather than
+/// split off it: a split-off frame shares the buffer, so while the
+/// application holds it the next read needs a new buffer; for small frames
+/// (one per read, as in request/response traffic) a fresh 128 KiB
+/// allocation per frame costs far more than the copy.
+const COPY_MAX: usize = 4 * 1024;
+
 /// Writes up to this many bytes on the wire (prefixes included) are
 /// copied into one buffer and sent with a plain write: for small frames
 /// the copy costs less than the kernel's vectored-write path.
@@ -85,6 +92,11 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                 let total = PREFIX_LEN + len;
                 if self.buf.len() >= total {
                     self.buf.advance(PREFIX_LEN);
+                    if len <= COPY_MAX {
+                        let frame = BytesMut::from(&self.buf[..len]);
+                        self.buf.advance(len);
+                        return Ok(Some(frame));
+                    }
                     return Ok(Some(self.buf.split_to(len)));
                 }
                 total - self.buf.len()

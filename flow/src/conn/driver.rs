@@ -3,8 +3,7 @@
 //! and a writer that asks it for frames, seals them and writes them in
 //! batches. No task per flow.
 
-use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Instant, SystemTime};
@@ -13,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
+use super::clock::{self, Deadline, Watch};
 use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions, ZERO_COPY_MIN};
@@ -33,6 +33,8 @@ const CONTENDED_BATCH_BYTES: usize = 64 * 1024;
 /// What a connection knows besides its state machine.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
+    /// This connection's registration with the health-check clock.
+    watch: Arc<Watch>,
     /// What turns the state machine's frames into bytes on the transport;
     /// taken by whoever is sending (the writer task, or an application task
     /// when the transport can take frames without waiting).
@@ -221,8 +223,10 @@ impl Conn {
             let _ = state.handle_frame(now, frame, encrypted_len);
         }
         let sends_inline = writer.writes_without_waiting();
-        let shared = Arc::new(Shared {
+        let first_deadline = state.poll_timeout();
+        let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
             state: Mutex::new(state),
+            watch: Watch::new(me.clone()),
             transmitter: Mutex::new(Some(Box::new(Transmitter::new(writer, done.sealer)))),
             sends_inline,
             id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -234,6 +238,9 @@ impl Conn {
             local_addr,
             remote_addr,
         });
+        if let Some(at) = first_deadline {
+            clock::arm(&shared.watch, at);
+        }
         tokio::spawn(read_loop(shared.clone(), reader, done.opener));
         tokio::spawn(write_loop(shared.clone()));
         let guard = Arc::new(CloseOnDrop(Arc::downgrade(&shared)));
@@ -434,17 +441,11 @@ async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut op
 }
 
 /// Waits until the state machine has something to send (or the
-/// transmitter holds frames not yet written) and the transmitter is free,
-/// running the health-check clock meanwhile; returns the transmitter.
+/// transmitter holds frames not yet written) and the transmitter is free;
+/// returns the transmitter. (The health-check clock runs on the clock
+/// thread, which wakes this task when a check is due.)
 async fn wait_for_work(shared: &Shared) -> Box<Transmitter> {
-    enum Woke {
-        Work(Box<Transmitter>),
-        Timer,
-        Rearm,
-    }
     loop {
-        let deadline = shared.state.lock().poll_timeout();
-        let mut sleep = pin!(deadline.map(|d| tokio::time::sleep_until(d.into())));
         let woke = poll_fn(|cx| {
             let mut state = shared.state.lock();
             {
@@ -452,28 +453,17 @@ async fn wait_for_work(shared: &Shared) -> Box<Transmitter> {
                 if let Some(tx) = slot.as_ref()
                     && (state.wants_to_send() || state.is_finished() || tx.has_unwritten())
                 {
-                    return Poll::Ready(slot.take().map_or(Woke::Rearm, Woke::Work));
+                    return Poll::Ready(slot.take());
                 }
                 // Nothing to do, or an application task is sending: it
                 // wakes this task afterwards if anything is left.
             }
-            if state.poll_timeout() != deadline {
-                // Something moved the deadline (say, an answered health
-                // check): sleep towards the new one.
-                return Poll::Ready(Woke::Rearm);
-            }
             state.register_writer(cx.waker());
-            drop(state);
-            match sleep.as_mut().as_pin_mut() {
-                Some(s) => s.poll(cx).map(|()| Woke::Timer),
-                None => Poll::Pending,
-            }
+            Poll::Pending
         })
         .await;
-        match woke {
-            Woke::Work(tx) => return tx,
-            Woke::Rearm => {}
-            Woke::Timer => shared.state.lock().handle_timeout(Instant::now()),
+        if let Some(tx) = woke {
+            return tx;
         }
     }
 }
@@ -616,8 +606,14 @@ impl Transmitter {
 /// state machine, with the writer task's wakes held back meanwhile.
 pub(crate) struct HeldTransmitter {
     tx: Box<Transmitter>,
-    /// The writer's deadline before: if it moves, the writer must re-arm.
-    deadline: Option<Instant>,
+}
+
+impl Deadline for Shared {
+    fn fire(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.state.lock();
+        state.handle_timeout(now);
+        state.poll_timeout()
+    }
 }
 
 impl Shared {
@@ -647,10 +643,7 @@ impl Shared {
         };
         let mut state = self.state.lock();
         state.hold_writer_wakes(true);
-        Some(HeldTransmitter {
-            deadline: state.poll_timeout(),
-            tx,
-        })
+        Some(HeldTransmitter { tx })
     }
 
     /// Sends what the state machine has to send through the held
@@ -658,7 +651,7 @@ impl Shared {
     /// gives the transmitter back and wakes the writer task if anything is
     /// left for it.
     pub(crate) fn send_held(&self, held: HeldTransmitter) {
-        let HeldTransmitter { mut tx, deadline } = held;
+        let HeldTransmitter { mut tx } = held;
         {
             let mut state = self.state.lock();
             state.hold_writer_wakes(false);
@@ -675,11 +668,7 @@ impl Shared {
         if let Err(e) = result {
             state.transport_failed(e.context(format!("writing to {}", self.remote_addr)));
         }
-        if unwritten
-            || state.wants_to_send()
-            || state.is_finished()
-            || state.poll_timeout() != deadline
-        {
+        if unwritten || state.wants_to_send() || state.is_finished() {
             state.wake_writer();
         }
     }

@@ -7,12 +7,14 @@
 //! - `noise_dh`: X25519 from ring for the Noise handshake.
 //! - `flow_control`: window and credit accounting.
 //! - `driver`: the tokio reader and writer tasks; [`Conn`].
+//! - `clock`: one thread running every connection's health-check clock.
 //! - `flow`: the application's [`Flow`] handle.
 //! - [`resumption`]: tickets letting a returning dialer skip signatures.
 //! - [`config`]: tunables and limits.
 
 mod chunk;
 mod cipher;
+mod clock;
 pub mod config;
 mod driver;
 mod flow;
