@@ -468,6 +468,46 @@ async fn over_a_transport_that_never_waits_the_writing_task_sends_its_frames() {
     assert_eq!(&accepted.read_msg().await.unwrap().unwrap()[..], b"second");
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_queued_end_of_flow_leaves_with_the_next_write_in_one_frame() {
+    let (dialer, acceptor) = pair_sending_inline(64).await;
+    let mut first = dialer.open_flow(FlowOptions::default()).unwrap();
+    first.write_msg(&[b"one"]).await.unwrap();
+    let mut first_in = within(acceptor.accept_flow()).await.unwrap();
+    assert_eq!(&first_in.read_msg().await.unwrap().unwrap()[..], b"one");
+    let frames = dialer.stats().frames_sent;
+    // Shutting down queues the end; on this one-thread runtime the writer
+    // task cannot send it before this task yields.
+    first.shutdown().await.unwrap();
+    assert_eq!(dialer.stats().frames_sent, frames);
+    // The next write, sent inline, carries it: one frame for both.
+    let mut second = dialer.open_flow(FlowOptions::default()).unwrap();
+    second.write_msg(&[b"two"]).await.unwrap();
+    assert_eq!(dialer.stats().frames_sent, frames + 1);
+    assert!(within(first_in.read_msg()).await.unwrap().is_none());
+    let mut second_in = within(acceptor.accept_flow()).await.unwrap();
+    assert_eq!(&second_in.read_msg().await.unwrap().unwrap()[..], b"two");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queued_end_of_flow_goes_out_alone_when_nothing_follows() {
+    let (dialer, acceptor) = pair_sending_inline(64).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"last"]).await.unwrap();
+    flow.shutdown().await.unwrap();
+    let mut accepted = within(acceptor.accept_flow()).await.unwrap();
+    assert_eq!(&accepted.read_msg().await.unwrap().unwrap()[..], b"last");
+    assert!(within(accepted.read_msg()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn shutting_down_a_flow_of_a_closed_connection_fails() {
+    let (dialer, _acceptor) = pair_sending_inline(64).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    dialer.close("done");
+    assert!(flow.shutdown().await.is_err());
+}
+
 #[tokio::test]
 async fn bytes_a_transport_took_but_holds_are_flushed_by_the_writer() {
     // The transport takes every frame sent inline but keeps it until its

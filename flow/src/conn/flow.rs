@@ -471,10 +471,19 @@ impl AsyncWrite for FlowWriter {
         self.get_mut().poll_flush_flow(cx).map_err(io_error)
     }
 
+    /// Queues the end of the flow, like a write: it goes out with the next
+    /// frames (this task's next write, say, or the writer task's), not
+    /// necessarily before this returns. Use `flush` to wait until it is in
+    /// frames.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Err(e) = this.timer.check(&this.inner, cx) {
+            return Poll::Ready(Err(io_error(e)));
+        }
         this.close_write();
-        this.poll_flush_flow(cx).map_err(io_error)
+        let inner = &this.inner;
+        let queued = inner.conn.shared.state.lock().check_close_write(inner.id);
+        Poll::Ready(queued.map_err(io_error))
     }
 }
 

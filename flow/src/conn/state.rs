@@ -1733,6 +1733,25 @@ impl ConnState {
         Poll::Pending
     }
 
+    /// Whether a half-close of flow `id`, queued, stands: an error if the
+    /// end cannot reach the peer (the connection failed first, or the peer
+    /// entered lame duck before the flow was opened on the wire).
+    pub fn check_close_write(&self, id: FlowId) -> Result<()> {
+        let id = self.resolve(id);
+        let Some(entry) = self.flows.get(&id) else {
+            return Ok(());
+        };
+        if entry.barred_by_lame_duck(self.lame_duck_ack_sent) {
+            return Err(peer_lame_duck());
+        }
+        let pending =
+            !entry.opened || entry.send_state == SendState::Closing || !entry.send_queue.is_empty();
+        match &self.error {
+            Some(err) if pending => Err(err.clone()),
+            _ => Ok(()),
+        }
+    }
+
     /// Half-closes flow `id`: after what was written, the peer reads the end
     /// of the flow. Reading goes on.
     pub fn close_write(&mut self, id: FlowId) {
