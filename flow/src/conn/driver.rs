@@ -459,7 +459,8 @@ async fn wait_for_work(shared: &Shared) -> Box<Transmitter> {
                 if let Some(tx) = slot.as_ref()
                     && (state.wants_to_send() || state.is_finished() || tx.has_unwritten())
                 {
-                    if slept {
+                    // A closing connection's last frames go at once.
+                    if slept && !state.is_closed() {
                         return Poll::Ready(Woke::Yield);
                     }
                     return Poll::Ready(slot.take().map_or(Woke::Again, Woke::Work));
