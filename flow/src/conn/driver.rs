@@ -3,7 +3,7 @@
 //! and a writer that asks it for frames, seals them and writes them in
 //! batches. No task per flow.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Instant, SystemTime};
@@ -15,6 +15,7 @@ use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
 use super::clock::{self, Deadline, Watch};
 use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
+use super::noise_dh::PreparedKey;
 use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions, ZERO_COPY_MIN};
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
@@ -95,6 +96,14 @@ impl PartialEq for Conn {
 
 impl Eq for Conn {}
 
+/// Runs `wait` (a read of the peer's next handshake frame) and, while it
+/// waits, makes the ephemeral key pair of a later handshake, off this
+/// one's critical path.
+async fn while_waiting<T>(wait: impl Future<Output = T>) -> T {
+    let (out, ()) = futures::join!(wait, async { PreparedKey::make_spare() });
+    out
+}
+
 async fn read_handshake_frame(reader: &mut dyn FrameReader, what: &str) -> Result<BytesMut> {
     match reader.read_frame().await? {
         Some(frame) => Ok(frame),
@@ -122,7 +131,7 @@ impl Conn {
         let handshake = async {
             let (mut dialer, hello) = Dialer::start(params, remote, Instant::now())?;
             writer.write_frames(&[hello]).await?;
-            let answer = read_handshake_frame(reader.as_mut(), "the answer").await?;
+            let answer = while_waiting(read_handshake_frame(reader.as_mut(), "the answer")).await?;
             dialer.on_response(answer, Instant::now())?;
             let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
             match dialer.on_binding(binding, SystemTime::now())? {
@@ -170,7 +179,8 @@ impl Conn {
             let hello = read_handshake_frame(reader.as_mut(), "the hello").await?;
             let answer = acceptor.on_hello(hello, Instant::now())?;
             writer.write_frames(&answer).await?;
-            let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
+            let binding =
+                while_waiting(read_handshake_frame(reader.as_mut(), "the binding")).await?;
             let done =
                 match acceptor.on_binding(binding, Instant::now(), SystemTime::now(), &remote_addr)
                 {

@@ -595,13 +595,16 @@ impl Dialer {
         // this hello's ephemeral key, made here for the purpose.
         let (ticket, prepared) = match (&params.config.resumption, &resume) {
             (Some(_), Some(t)) => {
-                let key = PreparedKey::generate()
-                    .map_err(|e| noise_err("making the ephemeral key", e))?;
+                let key = match PreparedKey::take_spare() {
+                    Some(key) => key,
+                    None => PreparedKey::generate()
+                        .map_err(|e| noise_err("making the ephemeral key", e))?,
+                };
                 let proof = resumption::binder(&t.secret, key.public());
                 (Some([&t.id[..], &proof[..]].concat()), Some(key))
             }
-            (Some(_), None) => (Some(Vec::new()), None),
-            (None, _) => (None, None),
+            (Some(_), None) => (Some(Vec::new()), PreparedKey::take_spare()),
+            (None, _) => (None, PreparedKey::take_spare()),
         };
         let mut noise = noise_builder(suite, prepared)?
             .build_initiator()
@@ -942,7 +945,7 @@ impl Acceptor {
         Acceptor {
             params,
             // Without one, the handshake makes a key pair when it needs it.
-            prepared: PreparedKey::generate().ok(),
+            prepared: PreparedKey::take_spare().or_else(|| PreparedKey::generate().ok()),
             answered: None,
         }
     }

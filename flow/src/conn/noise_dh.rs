@@ -14,6 +14,7 @@
 //! [`snow::Error::Dh`] instead of silently using another key.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
@@ -51,6 +52,46 @@ impl PreparedKey {
     pub(crate) fn public(&self) -> &[u8; KEY_LEN] {
         &self.public
     }
+
+    /// A key pair made ahead by [`PreparedKey::make_spare`], if a fresh
+    /// one waits; each is handed out once.
+    pub(crate) fn take_spare() -> Option<PreparedKey> {
+        let mut spares = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
+        take_fresh(&mut spares, Instant::now())
+    }
+
+    /// Makes a key pair for a later handshake of this process, unless
+    /// enough wait already. Called while a handshake waits for its peer,
+    /// so the next one finds its key made.
+    pub(crate) fn make_spare() {
+        let waiting = SPARES.lock().unwrap_or_else(PoisonError::into_inner).len();
+        if waiting >= SPARE_KEYS {
+            return;
+        }
+        // Made outside the lock: it takes tens of microseconds.
+        if let Ok(key) = PreparedKey::generate() {
+            let mut spares = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
+            if spares.len() < SPARE_KEYS {
+                spares.push((key, Instant::now()));
+            }
+        }
+    }
+}
+
+/// Most key pairs made ahead at once.
+const SPARE_KEYS: usize = 4;
+
+/// A key pair made ahead is dropped rather than used after this long.
+const SPARE_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// Key pairs made ahead, with when each was made.
+static SPARES: Mutex<Vec<(PreparedKey, Instant)>> = Mutex::new(Vec::new());
+
+/// The newest key of `spares` made within [`SPARE_MAX_AGE`] of `now`,
+/// dropping any older ones.
+fn take_fresh(spares: &mut Vec<(PreparedKey, Instant)>, now: Instant) -> Option<PreparedKey> {
+    spares.retain(|(_, made)| now.saturating_duration_since(*made) < SPARE_MAX_AGE);
+    spares.pop().map(|(key, _)| key)
 }
 
 /// The resolver the handshake builds its Noise state with: X25519 from
@@ -243,6 +284,45 @@ mod tests {
             ours.dangerously_get_raw_split(),
             theirs.dangerously_get_raw_split()
         );
+    }
+
+    #[test]
+    fn spare_keys_are_handed_out_once_and_never_stale() {
+        let now = Instant::now();
+        let made = |age: Duration| (PreparedKey::generate().unwrap(), now - age);
+        let mut spares = vec![
+            made(SPARE_MAX_AGE + Duration::from_secs(1)),
+            made(Duration::from_secs(1)),
+            made(Duration::ZERO),
+        ];
+        let newest = *spares[2].0.public();
+        let fresh = *spares[1].0.public();
+        assert_eq!(take_fresh(&mut spares, now).unwrap().public(), &newest);
+        assert_eq!(take_fresh(&mut spares, now).unwrap().public(), &fresh);
+        // The stale one is dropped, not handed out.
+        assert!(take_fresh(&mut spares, now).is_none());
+        assert!(spares.is_empty());
+    }
+
+    #[test]
+    fn a_spare_key_made_ahead_is_a_working_key_pair() {
+        PreparedKey::make_spare();
+        // Other tests may take it first; then this makes a fresh one.
+        let key = PreparedKey::take_spare().unwrap_or_else(|| PreparedKey::generate().unwrap());
+        let other = PreparedKey::generate().unwrap();
+        let a = agreement::agree_ephemeral(
+            key.private,
+            &UnparsedPublicKey::new(&X25519, other.public),
+            |k| k.to_vec(),
+        )
+        .unwrap();
+        let b = agreement::agree_ephemeral(
+            other.private,
+            &UnparsedPublicKey::new(&X25519, key.public),
+            |k| k.to_vec(),
+        )
+        .unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]
