@@ -239,7 +239,9 @@ pub(crate) fn print_targets(rows: &Rows) {
     println!(
         "  open >= 2x yamux, one at a time: {}{}",
         verdict(open_one.map(|t| t.0)),
-        open_one.map(|t| format!(" ({:.2}x)", t.1)).unwrap_or_default()
+        open_one
+            .map(|t| format!(" ({:.2}x)", t.1))
+            .unwrap_or_default()
     );
     println!(
         "  idle-memory <= 1 KiB per flow: {}{}",
