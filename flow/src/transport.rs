@@ -25,6 +25,23 @@ pub trait FrameReader: Send + 'static {
     /// decrypt it in place. Not cancel safe: drop the reader after dropping a
     /// pending read.
     fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>>;
+
+    /// Asks the transport to push every later frame to `sink` from the
+    /// task that receives it, sparing a hand-off to a task reading this
+    /// reader. Returns whether it will; if so, [`FrameReader::read_frame`]
+    /// from then on returns only the end of the stream (after the last
+    /// frame was delivered) or an error. By default a transport does not.
+    fn attach_sink(&mut self, sink: std::sync::Arc<dyn FrameSink>) -> bool {
+        let _ = sink;
+        false
+    }
+}
+
+/// Takes frames pushed to it by the task that receives them (see
+/// [`FrameReader::attach_sink`]).
+pub trait FrameSink: Send + Sync + 'static {
+    /// The next frame, whole and in order.
+    fn deliver(&self, frame: Bytes);
 }
 
 /// Writes whole frames to a transport.

@@ -6,14 +6,14 @@
 //! second time. A proxied connection is a [`FlowConn`] to the proxy with a
 //! full, end-to-end handshake run inside it.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use flow::auth::AllowEveryone;
 use flow::conn::{Flow, FlowReader, FlowWriter};
 use flow::naming::Endpoint;
-use flow::transport::{FrameReader, FrameWriter, FramedConn, Listener, Protocol};
+use flow::transport::{FrameReader, FrameSink, FrameWriter, FramedConn, Listener, Protocol};
 use flow::{Error, Result};
 use futures::future::BoxFuture;
 
@@ -64,6 +64,12 @@ impl FrameReader for FlowFrameReader {
                 Err(shared) => BytesMut::from(&shared[..]),
             }))
         })
+    }
+
+    /// The carrying connection's reading task hands each message (one
+    /// frame of the carried connection) straight to `sink`.
+    fn attach_sink(&mut self, sink: Arc<dyn FrameSink>) -> bool {
+        self.0.attach_sink(sink)
     }
 }
 
@@ -126,7 +132,7 @@ impl ProxyProtocol {
     /// The protocol, dialing through `manager`.
     pub fn new(manager: &Manager) -> Self {
         ProxyProtocol {
-            manager: std::sync::Arc::downgrade(&manager.inner),
+            manager: Arc::downgrade(&manager.inner),
         }
     }
 }
@@ -147,7 +153,7 @@ impl Protocol for ProxyProtocol {
             let manager = Manager { inner };
             let flow = tokio::time::timeout(
                 timeout,
-                manager.dial(&proxy, std::sync::Arc::new(AllowEveryone), Duration::ZERO),
+                manager.dial(&proxy, Arc::new(AllowEveryone), Duration::ZERO),
             )
             .await
             .map_err(|_| Error::timeout(format!("dialing proxy {proxy} timed out")))??;

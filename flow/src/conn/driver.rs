@@ -3,6 +3,7 @@
 //! and a writer that asks it for frames, seals them and writes them in
 //! batches. No task per flow.
 
+use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::task::Poll;
@@ -16,11 +17,13 @@ use super::clock::{self, Deadline, Watch};
 use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::noise_dh::PreparedKey;
-use super::state::{BuiltFrame, ConnState, ConnStats, FlowOptions, ZERO_COPY_MIN};
+use super::state::{
+    BuiltFrame, ConnState, ConnStats, FlowId, FlowOptions, SinkItem, ZERO_COPY_MIN,
+};
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
-use crate::transport::{FrameReader, FrameWriter, FramedConn};
+use crate::transport::{FrameReader, FrameSink, FrameWriter, FramedConn};
 use crate::{Error, ErrorKind, Result};
 
 /// Most frames one batch (one vectored write) carries.
@@ -36,6 +39,9 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<ConnState>,
     /// This connection's registration with the health-check clock.
     watch: Arc<Watch>,
+    /// Sinks of flows whose data the reading task pushes (keyed by the
+    /// ids [`SinkItem`]s carry).
+    sinks: Mutex<HashMap<FlowId, Arc<SinkEntry>>>,
     /// What turns the state machine's frames into bytes on the transport;
     /// taken by whoever is sending (the writer task, or an application task
     /// when the transport can take frames without waiting).
@@ -237,6 +243,7 @@ impl Conn {
         let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
             state: Mutex::new(state),
             watch: Watch::new(me.clone()),
+            sinks: Mutex::new(HashMap::new()),
             transmitter: Mutex::new(Some(Box::new(Transmitter::new(writer, done.sealer)))),
             sends_inline,
             id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -251,7 +258,23 @@ impl Conn {
         if let Some(at) = first_deadline {
             clock::arm(&shared.watch, at);
         }
-        tokio::spawn(read_loop(shared.clone(), reader, done.opener));
+        // Over a transport that can push frames (a flow of another
+        // connection), that connection's reading task opens and handles
+        // this one's frames itself; the reading task here then only
+        // watches for the end.
+        let mut reader = reader;
+        let pushed = Arc::new(PushedFrames {
+            shared: shared.clone(),
+            opener: Mutex::new(None),
+        });
+        *pushed.opener.lock() = Some(done.opener);
+        let opener = if reader.attach_sink(pushed.clone()) {
+            None
+        } else {
+            pushed.opener.lock().take()
+        };
+        drop(pushed);
+        tokio::spawn(read_loop(shared.clone(), reader, opener));
         tokio::spawn(write_loop(shared.clone()));
         let guard = Arc::new(CloseOnDrop(Arc::downgrade(&shared)));
         Conn {
@@ -418,23 +441,28 @@ impl Conn {
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut opener: FrameOpener) {
+/// The reading task: opens frames and feeds the state machine. With no
+/// `opener`, frames are pushed to the connection by the transport (see
+/// [`PushedFrames`]) and this task only waits for the end or an error.
+async fn read_loop(
+    shared: Arc<Shared>,
+    mut reader: Box<dyn FrameReader>,
+    mut opener: Option<FrameOpener>,
+) {
     loop {
         let result = reader.read_frame().await;
         let err = match result {
-            Ok(Some(frame)) => match opener.open(frame) {
-                Ok((plain, encrypted_len)) => {
-                    let mut state = shared.state.lock();
-                    if state
-                        .handle_frame(Instant::now(), plain, encrypted_len)
-                        .is_err()
-                        || state.is_closed()
-                    {
-                        return;
+            Ok(Some(frame)) => match opener.as_mut() {
+                Some(opener) => match opener.open(frame) {
+                    Ok((plain, encrypted_len)) => {
+                        if !shared.handle_frame(plain, encrypted_len) {
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                Err(e) => e,
+                    Err(e) => e,
+                },
+                None => Error::bad_state("a transport that pushes frames also returned one"),
             },
             Ok(None) => Error::network(format!("{} closed the connection", shared.remote_addr)),
             Err(e) => e.context(format!("reading from {}", shared.remote_addr)),
@@ -447,6 +475,106 @@ async fn read_loop(shared: Arc<Shared>, mut reader: Box<dyn FrameReader>, mut op
             state.transport_failed(err);
         }
         return;
+    }
+}
+
+/// A flow's sink, with the lock that keeps its deliveries in order.
+struct SinkEntry {
+    sink: Arc<dyn FrameSink>,
+    delivering: Mutex<()>,
+}
+
+impl Shared {
+    /// Feeds an opened frame to the state machine and hands what it has
+    /// for flows' sinks to them; false once the connection is closed.
+    fn handle_frame(&self, plain: Bytes, encrypted_len: usize) -> bool {
+        let (open, items) = {
+            let mut state = self.state.lock();
+            let handled = state.handle_frame(Instant::now(), plain, encrypted_len);
+            (
+                handled.is_ok() && !state.is_closed(),
+                state.take_sink_items(),
+            )
+        };
+        if open && !items.is_empty() {
+            self.deliver_to_sinks(items);
+        }
+        open
+    }
+
+    /// Hands `items` to their flows' sinks, in order.
+    fn deliver_to_sinks(&self, items: Vec<SinkItem>) {
+        for item in items {
+            match item {
+                SinkItem::Data(id, data) => {
+                    let entry = self.sinks.lock().get(&id).cloned();
+                    if let Some(entry) = entry {
+                        let _in_order = entry.delivering.lock();
+                        entry.sink.deliver(data);
+                    }
+                }
+                SinkItem::End(id) => {
+                    let entry = self.sinks.lock().remove(&id);
+                    // Once any delivery in progress is done.
+                    let _in_order = entry.as_ref().map(|e| e.delivering.lock());
+                    self.state.lock().sink_ended(id);
+                }
+            }
+        }
+    }
+
+    /// See [`super::FlowReader::attach_sink`].
+    pub(crate) fn attach_sink(&self, id: FlowId, sink: Arc<dyn FrameSink>) -> bool {
+        let entry = Arc::new(SinkEntry {
+            sink,
+            delivering: Mutex::new(()),
+        });
+        // Held until what was waiting is delivered, so the reading task,
+        // which takes it for each later message, delivers after.
+        let _in_order = entry.delivering.lock();
+        let (id, waiting, ended) = {
+            let mut state = self.state.lock();
+            let Some(attached) = state.attach_sink(id, Instant::now()) else {
+                return false;
+            };
+            self.sinks.lock().insert(attached.0, entry.clone());
+            attached
+        };
+        for data in waiting {
+            entry.sink.deliver(data);
+        }
+        if ended {
+            self.sinks.lock().remove(&id);
+            self.state.lock().sink_ended(id);
+        }
+        true
+    }
+}
+
+/// Frames of this connection pushed by the connection carrying them: the
+/// carrier's reading task opens and handles them here.
+struct PushedFrames {
+    shared: Arc<Shared>,
+    opener: Mutex<Option<FrameOpener>>,
+}
+
+impl FrameSink for PushedFrames {
+    fn deliver(&self, frame: Bytes) {
+        let frame = frame
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        let opened = match self.opener.lock().as_mut() {
+            Some(opener) => opener.open(frame),
+            None => return,
+        };
+        match opened {
+            Ok((plain, encrypted_len)) => {
+                self.shared.handle_frame(plain, encrypted_len);
+            }
+            // A frame that fails authentication: tell the peer if we can.
+            Err(e) if e.kind() == ErrorKind::Auth => self.shared.state.lock().close_with(e),
+            Err(e) => self.shared.state.lock().transport_failed(e),
+        }
     }
 }
 

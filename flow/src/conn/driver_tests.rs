@@ -468,6 +468,46 @@ async fn over_a_transport_that_never_waits_the_writing_task_sends_its_frames() {
     assert_eq!(&accepted.read_msg().await.unwrap().unwrap()[..], b"second");
 }
 
+/// Records what a flow's sink is given.
+#[derive(Default)]
+struct Recorder(parking_lot::Mutex<Vec<bytes::Bytes>>);
+
+impl crate::transport::FrameSink for Recorder {
+    fn deliver(&self, frame: bytes::Bytes) {
+        self.0.lock().push(frame);
+    }
+}
+
+#[tokio::test]
+async fn a_flow_sink_gets_every_message_in_order_and_the_reader_the_end_after() {
+    let (dialer, acceptor) = pair_sending_inline(64).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.disable_fragmentation().unwrap();
+    // Until the acceptor accepts, only the first message may go.
+    flow.write_msg(&[&[0; 10]]).await.unwrap();
+    let accepted = within(acceptor.accept_flow()).await.unwrap();
+    for i in 1..3u8 {
+        within(flow.write_msg(&[&[i; 10]])).await.unwrap();
+    }
+    let (mut reader, _writer) = accepted.into_split();
+    // Let the first messages arrive and wait in the flow.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let sink = Arc::new(Recorder::default());
+    assert!(reader.attach_sink(sink.clone()));
+    for i in 3..200u8 {
+        within(flow.write_msg(&[&[i; 10]])).await.unwrap();
+    }
+    flow.close_write();
+    // The reader returns the end only after the last message reached the
+    // sink.
+    assert!(within(reader.read_msg()).await.unwrap().is_none());
+    let got = sink.0.lock().clone();
+    assert_eq!(got.len(), 200);
+    for (i, msg) in got.iter().enumerate() {
+        assert_eq!(&msg[..], &[i as u8; 10][..]);
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_queued_end_of_flow_leaves_with_the_next_write_in_one_frame() {
     let (dialer, acceptor) = pair_sending_inline(64).await;

@@ -18,6 +18,7 @@ use super::driver::Conn;
 use super::state::{ConnState, FlowId};
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
+use crate::transport::FrameSink;
 use crate::{Error, ErrorKind, Result};
 
 /// What the halves of a flow share; dropping the last one closes the flow.
@@ -282,6 +283,17 @@ impl FlowReader {
     /// The connection this flow is on.
     pub fn conn(&self) -> &Conn {
         &self.inner.conn
+    }
+
+    /// From now on, the connection's reading task hands each message of
+    /// this flow to `sink` as it arrives (messages already waiting first),
+    /// instead of keeping it for this reader; the message's credit goes
+    /// back to the peer at once, so the sink must bound what it keeps.
+    /// This reader then returns only the end of the flow, after the last
+    /// message was delivered, or an error. Returns false (and changes
+    /// nothing) if the flow was closed.
+    pub fn attach_sink(&self, sink: Arc<dyn FrameSink>) -> bool {
+        self.inner.conn.shared.attach_sink(self.inner.id, sink)
     }
 }
 

@@ -203,12 +203,37 @@ struct FlowEntry {
     whole_messages: bool,
     /// Payloads are already end-to-end encrypted; send them unencrypted.
     passthrough: bool,
+    /// Whether the reading task pushes this flow's data to a sink.
+    sink: SinkState,
     /// Credentials other than the connection's, if either side presents
     /// any (boxed: most flows use the connection's).
     keys: Option<Box<FlowKeys>>,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
     closed_wakers: Vec<Waker>,
+}
+
+/// Whether a flow's data goes to a sink (see [`ConnState::attach_sink`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkState {
+    /// Data waits in the flow for its reader.
+    None,
+    /// Data goes to the sink; the reader sees only errors until the end
+    /// of the flow has been delivered after the last data.
+    Attached,
+    /// The end of the flow reached the sink: the reader sees it too.
+    Ended,
+}
+
+/// What the reading task hands to flows' sinks after a frame, in order
+/// (see [`ConnState::take_sink_items`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum SinkItem {
+    /// One message of the flow.
+    Data(FlowId, Bytes),
+    /// The peer ended the flow: after delivering everything before it,
+    /// call [`ConnState::sink_ended`].
+    End(FlowId),
 }
 
 /// Keys (blessings, discharges) of the credentials each side presents on
@@ -258,6 +283,7 @@ impl FlowEntry {
             side_channel,
             whole_messages: false,
             passthrough: false,
+            sink: SinkState::None,
             keys: None,
             read_waker: None,
             write_waker: None,
@@ -371,6 +397,8 @@ pub struct ConnState {
     last_rtt_sample: Instant,
     /// The two flows that most recently received data, and when.
     recent_receivers: [Option<(FlowId, Instant)>; 2],
+    /// Data and ends for flows with sinks, not yet taken by the reader.
+    sink_items: Vec<SinkItem>,
     peer_lame_duck: bool,
     local_lame_duck: bool,
     lame_duck_acked: bool,
@@ -458,6 +486,7 @@ impl ConnState {
             health_sent_at: None,
             last_rtt_sample: now,
             recent_receivers: [None, None],
+            sink_items: Vec::new(),
             peer_lame_duck: false,
             local_lame_duck: false,
             lame_duck_acked: false,
@@ -1026,19 +1055,33 @@ impl ConnState {
             self.last_used = now;
             note_receiver(&mut self.recent_receivers, id, now);
         }
+        let sink = entry.sink == SinkState::Attached;
         if entry.discarding {
             let release = entry.window.discard();
             if release > 0 {
                 queue_release(&mut self.release_queue, id, entry, release);
             }
+        } else if sink {
+            if n > 0 {
+                // Handed on at once: its credit goes back as if read.
+                self.sink_items.push(SinkItem::Data(id, payload));
+                self.consumed(id, n, || now);
+            }
         } else if n > 0 {
             entry.recv_queue.push_back(detach(payload, frame_len));
         }
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return Ok(());
+        };
         if flags.contains(Flags::CLOSE) {
             entry.recv_state = RecvState::PeerClosed;
             entry.wake_closed();
+            if sink {
+                self.sink_items.push(SinkItem::End(id));
+            }
         }
-        if let Some(w) = entry.read_waker.take() {
+        // A sink's reader waits for the end to be delivered, not for data.
+        if !sink && let Some(w) = entry.read_waker.take() {
             w.wake();
         }
         if !self.release_queue.is_empty() {
@@ -1517,6 +1560,46 @@ impl ConnState {
         // Most reads need no time: the clock is read only if one does.
         let now = std::cell::LazyCell::new(now);
         let id = self.resolve(id);
+        let error = self.error.clone();
+        let Some(entry) = self.flows.get_mut(&id) else {
+            return Poll::Ready(Ok(None));
+        };
+        if let Some(front) = entry.recv_queue.front_mut() {
+            let chunk = if front.len() <= max {
+                entry.recv_queue.pop_front().unwrap_or_default()
+            } else {
+                front.split_to(max)
+            };
+            if error.is_none() {
+                self.consumed(id, chunk.len() as u64, || *now);
+            }
+            return Poll::Ready(Ok(Some(chunk)));
+        }
+        if entry.sink == SinkState::Attached {
+            // Everything goes to the sink; only an error or the delivered
+            // end of the flow ends this read.
+            if let Some(err) = error {
+                return Poll::Ready(Err(err));
+            }
+            entry.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if entry.recv_state == RecvState::PeerClosed || entry.discarding {
+            self.maybe_reap(id);
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(err) = error {
+            return Poll::Ready(Err(err));
+        }
+        entry.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The application (or a sink) took `n` bytes of flow `id`: grants
+    /// credit back when the window says so. `now` is asked only then, or
+    /// when another flow is busy too.
+    fn consumed(&mut self, id: FlowId, n: u64, now: impl FnOnce() -> Instant) {
+        let now = std::cell::LazyCell::new(now);
         let rtt = self.rtt;
         // While another flow is busy too, a flow keeps a smaller window, so it
         // cannot queue much ahead of the others' messages.
@@ -1528,39 +1611,58 @@ impl ConnState {
         } else {
             self.config.max_window
         };
-        let error = self.error.clone();
         let Some(entry) = self.flows.get_mut(&id) else {
-            return Poll::Ready(Ok(None));
+            return;
         };
-        if let Some(front) = entry.recv_queue.front_mut() {
-            let chunk = if front.len() <= max {
-                entry.recv_queue.pop_front().unwrap_or_default()
-            } else {
-                front.split_to(max)
-            };
-            if error.is_none()
-                && let Some(release) = entry.window.on_consumed(
-                    chunk.len() as u64,
-                    || *now,
-                    rtt,
-                    max_window,
-                    &mut self.budget,
-                )
-            {
-                queue_release(&mut self.release_queue, id, entry, release);
-                self.writer_waker.wake();
+        if let Some(release) =
+            entry
+                .window
+                .on_consumed(n, || *now, rtt, max_window, &mut self.budget)
+        {
+            queue_release(&mut self.release_queue, id, entry, release);
+            self.writer_waker.wake();
+        }
+    }
+
+    /// Sends flow `id`'s data to a sink from now on: the reading task takes
+    /// it with [`ConnState::take_sink_items`] after each frame, and the
+    /// flow's reader sees only errors, and the end of the flow once
+    /// [`ConnState::sink_ended`] says it was delivered. Returns the flow's
+    /// id as the items name it, what was already waiting to be read (to
+    /// deliver first), and whether the peer had already ended the flow
+    /// (then call `sink_ended` after delivering that). `None` if the flow
+    /// is gone or its reader gave up.
+    pub fn attach_sink(&mut self, id: FlowId, now: Instant) -> Option<(FlowId, Vec<Bytes>, bool)> {
+        let id = self.resolve(id);
+        let entry = self.flows.get_mut(&id)?;
+        if entry.discarding || entry.sink != SinkState::None {
+            return None;
+        }
+        entry.sink = SinkState::Attached;
+        let waiting: Vec<Bytes> = entry.recv_queue.drain(..).collect();
+        let ended = entry.recv_state == RecvState::PeerClosed;
+        let n = waiting.iter().map(|b| b.len() as u64).sum();
+        if self.error.is_none() && n > 0 {
+            self.consumed(id, n, || now);
+        }
+        Some((id, waiting, ended))
+    }
+
+    /// Data and ends for flows with sinks since the last call, in order.
+    pub fn take_sink_items(&mut self) -> Vec<SinkItem> {
+        std::mem::take(&mut self.sink_items)
+    }
+
+    /// Everything flow `id` (as [`SinkItem`]s name it) received reached its
+    /// sink, the end included: its reader may now see the end too.
+    pub fn sink_ended(&mut self, id: FlowId) {
+        if let Some(entry) = self.flows.get_mut(&id) {
+            entry.sink = SinkState::Ended;
+            if let Some(w) = entry.read_waker.take() {
+                w.wake();
             }
-            return Poll::Ready(Ok(Some(chunk)));
-        }
-        if entry.recv_state == RecvState::PeerClosed || entry.discarding {
             self.maybe_reap(id);
-            return Poll::Ready(Ok(None));
         }
-        if let Some(err) = error {
-            return Poll::Ready(Err(err));
-        }
-        entry.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 
     /// Takes credit for up to `total` bytes on flow `id` (all or nothing,
