@@ -135,10 +135,12 @@ impl Clock {
     }
 }
 
-/// Fires `watch` if its owner is still there; its next deadline.
+/// Fires `watch` if its owner is still there; its next deadline. A
+/// firing that panics drops that owner's entry, not the clock thread.
 fn fire(watch: &Weak<Watch>) -> Option<Instant> {
     let target = watch.upgrade()?.0.upgrade()?;
-    target.fire(Instant::now())
+    let now = Instant::now();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.fire(now))).unwrap_or(None)
 }
 
 #[cfg(test)]

@@ -239,7 +239,7 @@ impl Conn {
             let _ = state.handle_frame(now, frame, encrypted_len);
         }
         let sends_inline = writer.writes_without_waiting();
-        let first_deadline = state.poll_timeout();
+        let first_deadline = state.next_check(now);
         let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
             state: Mutex::new(state),
             watch: Watch::new(me.clone()),
@@ -450,7 +450,17 @@ async fn read_loop(
     mut opener: Option<FrameOpener>,
 ) {
     loop {
-        let result = reader.read_frame().await;
+        let result = if opener.is_some() {
+            reader.read_frame().await
+        } else {
+            // Frames are pushed: wait for the transport's end, or for this
+            // connection to close (then dropping the reader lets the
+            // carrying flow throw away what still comes).
+            tokio::select! {
+                result = reader.read_frame() => result,
+                _ = poll_fn(|cx| shared.state.lock().poll_closed(cx)) => return,
+            }
+        };
         let err = match result {
             Ok(Some(frame)) => match opener.as_mut() {
                 Some(opener) => match opener.open(frame) {
@@ -496,7 +506,9 @@ impl Shared {
                 state.take_sink_items(),
             )
         };
-        if open && !items.is_empty() {
+        // Even when this frame closed the connection: what came before the
+        // close was received (and its credit returned) like any data.
+        if !items.is_empty() {
             self.deliver_to_sinks(items);
         }
         open
@@ -677,6 +689,9 @@ struct Transmitter {
     built: Vec<(BytesMut, usize)>,
     /// Sealed frames not yet taken by the transport, in order.
     sealed: Vec<Bytes>,
+    /// Whether `sealed` holds only frames staged to go with the next write
+    /// (none was refused by a full transport yet).
+    staged: bool,
 }
 
 impl Transmitter {
@@ -687,6 +702,7 @@ impl Transmitter {
             arena: BytesMut::new(),
             built: Vec::with_capacity(BATCH_FRAMES),
             sealed: Vec::with_capacity(BATCH_FRAMES),
+            staged: false,
         }
     }
 
@@ -776,7 +792,7 @@ impl Deadline for Shared {
     fn fire(&self, now: Instant) -> Option<Instant> {
         let mut state = self.state.lock();
         state.handle_timeout(now);
-        state.poll_timeout()
+        state.next_check(now)
     }
 }
 
@@ -797,7 +813,10 @@ impl Shared {
         }
         let tx = {
             let mut slot = self.transmitter.lock();
-            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
+            if slot
+                .as_ref()
+                .is_some_and(|tx| tx.has_unwritten() && !tx.staged)
+            {
                 // The transport is full: leave the frames to the writer
                 // task, which waits for room before building more, so no
                 // more than a batch is ever sealed ahead of the transport.
@@ -827,6 +846,7 @@ impl Shared {
             Ok(())
         });
         let unwritten = tx.has_unwritten();
+        tx.staged = false;
         *self.transmitter.lock() = Some(tx);
         let mut state = self.state.lock();
         if let Err(e) = result {
@@ -835,6 +855,32 @@ impl Shared {
         if unwritten || state.wants_to_send() || state.is_finished() {
             state.wake_writer();
         }
+    }
+}
+
+impl Shared {
+    /// Builds and seals what the state machine has to send through the
+    /// held transmitter without writing it: the frames go out with the
+    /// next write (an application task's, or the writer task's, which is
+    /// woken). What is sealed is in frames: closing the connection still
+    /// sends it ahead of the `TearDown`.
+    pub(crate) fn stage_held(&self, held: HeldTransmitter) {
+        let HeldTransmitter { mut tx } = held;
+        {
+            let mut state = self.state.lock();
+            state.hold_writer_wakes(false);
+            tx.build(&mut state, Instant::now());
+        }
+        let result = tx.seal();
+        // Anything sealed before was staged too: a transport that refused
+        // frames keeps the transmitter from being held.
+        tx.staged = true;
+        *self.transmitter.lock() = Some(tx);
+        let mut state = self.state.lock();
+        if let Err(e) = result {
+            state.transport_failed(e.context(format!("writing to {}", self.remote_addr)));
+        }
+        state.wake_writer();
     }
 }
 

@@ -509,24 +509,38 @@ async fn a_flow_sink_gets_every_message_in_order_and_the_reader_the_end_after() 
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_queued_end_of_flow_leaves_with_the_next_write_in_one_frame() {
+async fn a_shut_down_flow_s_end_is_sealed_and_leaves_with_the_next_write() {
     let (dialer, acceptor) = pair_sending_inline(64).await;
     let mut first = dialer.open_flow(FlowOptions::default()).unwrap();
     first.write_msg(&[b"one"]).await.unwrap();
     let mut first_in = within(acceptor.accept_flow()).await.unwrap();
     assert_eq!(&first_in.read_msg().await.unwrap().unwrap()[..], b"one");
-    let frames = dialer.stats().frames_sent;
-    // Shutting down queues the end; on this one-thread runtime the writer
-    // task cannot send it before this task yields.
+    // Shutting down seals the end into a frame (it is flushed) but, on
+    // this one-thread runtime, nothing writes it before this task yields.
     first.shutdown().await.unwrap();
-    assert_eq!(dialer.stats().frames_sent, frames);
-    // The next write, sent inline, carries it: one frame for both.
+    assert_eq!(dialer.shared.sealed_ahead(), Some(1));
+    // The next write takes it along.
     let mut second = dialer.open_flow(FlowOptions::default()).unwrap();
     second.write_msg(&[b"two"]).await.unwrap();
-    assert_eq!(dialer.stats().frames_sent, frames + 1);
+    assert_eq!(dialer.shared.sealed_ahead(), Some(0));
     assert!(within(first_in.read_msg()).await.unwrap().is_none());
     let mut second_in = within(acceptor.accept_flow()).await.unwrap();
     assert_eq!(&second_in.read_msg().await.unwrap().unwrap()[..], b"two");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_shut_down_flow_s_end_survives_closing_the_connection_at_once() {
+    let (dialer, acceptor) = pair_sending_inline(64).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"last words"]).await.unwrap();
+    flow.shutdown().await.unwrap();
+    dialer.close("done");
+    let mut accepted = within(acceptor.accept_flow()).await.unwrap();
+    assert_eq!(
+        &within(accepted.read_msg()).await.unwrap().unwrap()[..],
+        b"last words"
+    );
+    assert!(within(accepted.read_msg()).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -483,19 +483,23 @@ impl AsyncWrite for FlowWriter {
         self.get_mut().poll_flush_flow(cx).map_err(io_error)
     }
 
-    /// Queues the end of the flow, like a write: it goes out with the next
-    /// frames (this task's next write, say, or the writer task's), not
-    /// necessarily before this returns. Use `flush` to wait until it is in
-    /// frames.
+    /// Ends the flow and flushes: returns once what was written and the
+    /// end are in frames. Where it can, this task seals them itself without
+    /// writing them (they go out with the next write on the connection,
+    /// this task's or another's, or the writer task's), so an end does not
+    /// cost a system call and a segment of its own.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Err(e) = this.timer.check(&this.inner, cx) {
             return Poll::Ready(Err(io_error(e)));
         }
+        let shared = &this.inner.conn.shared;
+        let held = shared.hold_transmitter();
         this.close_write();
-        let inner = &this.inner;
-        let queued = inner.conn.shared.state.lock().check_close_write(inner.id);
-        Poll::Ready(queued.map_err(io_error))
+        if let Some(held) = held {
+            shared.stage_held(held);
+        }
+        this.poll_flush_flow(cx).map_err(io_error)
     }
 }
 

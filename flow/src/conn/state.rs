@@ -761,6 +761,17 @@ impl ConnState {
         }
     }
 
+    /// The latest time a clock that runs [`ConnState::handle_timeout`] may
+    /// look again without missing a deadline, whatever arrives meanwhile:
+    /// [`ConnState::poll_timeout`] can move earlier (an answered round-trip
+    /// probe takes the deadline from a full channel timeout after the last
+    /// frame to half of one after the answer), never before `now` plus
+    /// half the channel timeout.
+    pub fn next_check(&self, now: Instant) -> Option<Instant> {
+        let deadline = self.poll_timeout()?;
+        Some(deadline.min(now + self.config.channel_timeout / 2))
+    }
+
     /// Runs the health-check clock: sends a check after half the channel
     /// timeout of silence, closes the connection after all of it.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -1631,11 +1642,13 @@ impl ConnState {
     /// id as the items name it, what was already waiting to be read (to
     /// deliver first), and whether the peer had already ended the flow
     /// (then call `sink_ended` after delivering that). `None` if the flow
-    /// is gone or its reader gave up.
+    /// is gone, not yet opened on the wire, or its reader gave up.
     pub fn attach_sink(&mut self, id: FlowId, now: Instant) -> Option<(FlowId, Vec<Bytes>, bool)> {
         let id = self.resolve(id);
         let entry = self.flows.get_mut(&id)?;
-        if entry.discarding || entry.sink != SinkState::None {
+        // A flow not yet opened on the wire has no id the peer's messages
+        // will carry: it gets no sink.
+        if !entry.opened || entry.discarding || entry.sink != SinkState::None {
             return None;
         }
         entry.sink = SinkState::Attached;
@@ -1833,25 +1846,6 @@ impl ConnState {
         self.writer_waker.wake();
         entry.write_waker = Some(cx.waker().clone());
         Poll::Pending
-    }
-
-    /// Whether a half-close of flow `id`, queued, stands: an error if the
-    /// end cannot reach the peer (the connection failed first, or the peer
-    /// entered lame duck before the flow was opened on the wire).
-    pub fn check_close_write(&self, id: FlowId) -> Result<()> {
-        let id = self.resolve(id);
-        let Some(entry) = self.flows.get(&id) else {
-            return Ok(());
-        };
-        if entry.barred_by_lame_duck(self.lame_duck_ack_sent) {
-            return Err(peer_lame_duck());
-        }
-        let pending =
-            !entry.opened || entry.send_state == SendState::Closing || !entry.send_queue.is_empty();
-        match &self.error {
-            Some(err) if pending => Err(err.clone()),
-            _ => Ok(()),
-        }
     }
 
     /// Half-closes flow `id`: after what was written, the peer reads the end

@@ -545,6 +545,17 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
 }
 
 #[test]
+fn a_flow_not_yet_opened_on_the_wire_gets_no_sink() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    // Its id is provisional: the peer's messages will carry another.
+    assert!(p.a.attach_sink(f, p.now).is_none());
+    write_all(&mut p.a, f, b"now open");
+    p.pump();
+    assert!(p.a.attach_sink(f, p.now).is_some());
+}
+
+#[test]
 fn a_sink_on_a_flow_the_peer_already_ended_reports_it() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
@@ -958,6 +969,38 @@ fn rtt_is_sampled_while_data_flows() {
     p.now += Duration::from_millis(3);
     transfer(&mut p.b, &mut p.a, p.now);
     assert_eq!(p.a.rtt(), Duration::from_millis(3));
+}
+
+#[test]
+fn the_clock_never_looks_later_than_a_deadline_that_moves_earlier() {
+    let mut p = Pair::new();
+    let timeout = ConnConfig::default().channel_timeout;
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"first");
+    p.pump();
+    accept(&mut p.b).unwrap();
+    p.pump();
+    // A round-trip probe goes out with data: while it is unanswered the
+    // deadline is a whole channel timeout after the last frame.
+    p.now += Duration::from_millis(1500);
+    write_all(&mut p.a, f, b"second");
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    p.b.handle_frame(p.now, buf.freeze(), built.encrypted_len)
+        .unwrap();
+    assert_eq!(
+        p.a.poll_timeout(),
+        Some(p.now - Duration::from_millis(1500) + timeout)
+    );
+    // The clock looks at this moment and picks its next look.
+    let check = p.a.next_check(p.now).unwrap();
+    // The answer arrives: the deadline moves earlier than a full timeout
+    // after the last frame, but not earlier than the clock's next look.
+    p.now += Duration::from_millis(3);
+    transfer(&mut p.b, &mut p.a, p.now);
+    let deadline = p.a.poll_timeout().unwrap();
+    assert!(deadline < p.now - Duration::from_millis(1503) + timeout);
+    assert!(check <= deadline, "{check:?} > {deadline:?}");
 }
 
 #[test]
