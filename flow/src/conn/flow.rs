@@ -483,20 +483,27 @@ impl AsyncWrite for FlowWriter {
         self.get_mut().poll_flush_flow(cx).map_err(io_error)
     }
 
-    /// Ends the flow and flushes: returns once what was written and the
-    /// end are in frames. Where it can, this task seals them itself without
-    /// writing them (they go out with the next write on the connection,
-    /// this task's or another's, or the writer task's), so an end does not
-    /// cost a system call and a segment of its own.
+    /// Ends the flow and flushes: returns once what was written is in
+    /// frames and the end is as sure to go out (queued on a flow with
+    /// nothing else pending, which even closing the connection sends ahead
+    /// of its `TearDown`; otherwise sealed into a frame). The end itself
+    /// leaves with the next write on the connection, this task's or
+    /// another's, or the writer task's, so it rarely costs a system call
+    /// and a segment of its own.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Err(e) = this.timer.check(&this.inner, cx) {
             return Poll::Ready(Err(io_error(e)));
         }
         let shared = &this.inner.conn.shared;
-        let held = shared.hold_transmitter();
         this.close_write();
-        if let Some(held) = held {
+        // With everything written already in frames, the queued end is as
+        // sure as a frame (closing the connection sends it first): it
+        // leaves with the next write on the connection.
+        if shared.state.lock().end_is_queued_safely(this.inner.id) {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(held) = shared.hold_transmitter() {
             shared.stage_held(held);
         }
         this.poll_flush_flow(cx).map_err(io_error)

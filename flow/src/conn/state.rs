@@ -693,6 +693,9 @@ impl ConnState {
         tracing::debug!(error = %err, "connection closing");
         self.error = Some(err);
         self.control.truncate(self.unsent_first);
+        if teardown.is_some() {
+            self.queue_pending_ends();
+        }
         self.ready.clear();
         self.release_queue.clear();
         self.orphan_releases.clear();
@@ -714,6 +717,40 @@ impl ConnState {
         }
         self.wake_conn();
         self.writer_waker.wake();
+    }
+
+    /// Before a `TearDown`: the ends of flows on the wire that have nothing
+    /// else left to send go out ahead of it (an end needs no credit), so a
+    /// flow shut down before the connection closed still ends cleanly for
+    /// the peer. Bytes still queued are dropped, as closing drops them.
+    fn queue_pending_ends(&mut self) {
+        for &id in &self.ready {
+            let Some(entry) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            if entry.opened
+                && id & PROVISIONAL == 0
+                && entry.send_state == SendState::Closing
+                && entry.send_queue.is_empty()
+            {
+                entry.send_state = SendState::Closed;
+                self.control.push_back(Message::Data(Data {
+                    id,
+                    flags: Flags::CLOSE,
+                    payload: Bytes::new(),
+                }));
+            }
+        }
+    }
+
+    /// Whether flow `id`'s end, once queued, is as sure to reach the peer
+    /// as a frame: the flow is on the wire and nothing else of it waits
+    /// (a close of the connection sends such ends ahead of its `TearDown`).
+    pub fn end_is_queued_safely(&self, id: FlowId) -> bool {
+        let id = self.resolve(id);
+        self.flows.get(&id).is_some_and(|entry| {
+            entry.opened && entry.send_queue.is_empty() && self.error.is_none()
+        })
     }
 
     /// Closes the connection from this side, telling the peer `reason`.

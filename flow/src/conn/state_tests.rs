@@ -445,6 +445,28 @@ fn teardown_reason_reaches_the_peer_and_fails_its_flows() {
 }
 
 #[test]
+fn closing_sends_the_ends_of_flows_shut_down_before_it_then_the_teardown() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"all of it");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    // Shut down, then close before the end was built into a frame.
+    p.a.close_write(f);
+    p.a.close("done");
+    p.pump();
+    assert!(p.b.error().is_some());
+    assert!(
+        matches!(p.b.poll_read(&mut cx(), || p.now, g, 100), Poll::Ready(Ok(Some(b))) if &b[..] == b"all of it")
+    );
+    // A clean end, not the teardown's error.
+    assert!(matches!(
+        p.b.poll_read(&mut cx(), || p.now, g, 100),
+        Poll::Ready(Ok(None))
+    ));
+}
+
+#[test]
 fn whole_messages_keep_their_boundaries() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
