@@ -265,15 +265,14 @@ impl Conn {
         let mut reader = reader;
         let pushed = Arc::new(PushedFrames {
             shared: shared.clone(),
-            opener: Mutex::new(None),
+            opener: Mutex::new(Some(done.opener)),
         });
-        *pushed.opener.lock() = Some(done.opener);
+        // Not attached: the opener comes back to this side's reading task.
         let opener = if reader.attach_sink(pushed.clone()) {
             None
         } else {
             pushed.opener.lock().take()
         };
-        drop(pushed);
         tokio::spawn(read_loop(shared.clone(), reader, opener));
         tokio::spawn(write_loop(shared.clone()));
         let guard = Arc::new(CloseOnDrop(Arc::downgrade(&shared)));
@@ -477,13 +476,7 @@ async fn read_loop(
             Ok(None) => Error::network(format!("{} closed the connection", shared.remote_addr)),
             Err(e) => e.context(format!("reading from {}", shared.remote_addr)),
         };
-        let mut state = shared.state.lock();
-        if err.kind() == ErrorKind::Auth {
-            // A frame that fails authentication: tell the peer if we can.
-            state.close_with(err);
-        } else {
-            state.transport_failed(err);
-        }
+        shared.reading_failed(err);
         return;
     }
 }
@@ -512,6 +505,17 @@ impl Shared {
             self.deliver_to_sinks(items);
         }
         open
+    }
+
+    /// Ends the connection after `err` while receiving.
+    fn reading_failed(&self, err: Error) {
+        let mut state = self.state.lock();
+        if err.kind() == ErrorKind::Auth {
+            // A frame that fails authentication: tell the peer if we can.
+            state.close_with(err);
+        } else {
+            state.transport_failed(err);
+        }
     }
 
     /// Hands `items` to their flows' sinks, in order.
@@ -583,9 +587,7 @@ impl FrameSink for PushedFrames {
             Ok((plain, encrypted_len)) => {
                 self.shared.handle_frame(plain, encrypted_len);
             }
-            // A frame that fails authentication: tell the peer if we can.
-            Err(e) if e.kind() == ErrorKind::Auth => self.shared.state.lock().close_with(e),
-            Err(e) => self.shared.state.lock().transport_failed(e),
+            Err(e) => self.shared.reading_failed(e),
         }
     }
 }
@@ -689,9 +691,6 @@ struct Transmitter {
     built: Vec<(BytesMut, usize)>,
     /// Sealed frames not yet taken by the transport, in order.
     sealed: Vec<Bytes>,
-    /// Whether `sealed` holds only frames staged to go with the next write
-    /// (none was refused by a full transport yet).
-    staged: bool,
 }
 
 impl Transmitter {
@@ -702,7 +701,6 @@ impl Transmitter {
             arena: BytesMut::new(),
             built: Vec::with_capacity(BATCH_FRAMES),
             sealed: Vec::with_capacity(BATCH_FRAMES),
-            staged: false,
         }
     }
 
@@ -813,10 +811,7 @@ impl Shared {
         }
         let tx = {
             let mut slot = self.transmitter.lock();
-            if slot
-                .as_ref()
-                .is_some_and(|tx| tx.has_unwritten() && !tx.staged)
-            {
+            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
                 // The transport is full: leave the frames to the writer
                 // task, which waits for room before building more, so no
                 // more than a batch is ever sealed ahead of the transport.
@@ -846,7 +841,6 @@ impl Shared {
             Ok(())
         });
         let unwritten = tx.has_unwritten();
-        tx.staged = false;
         *self.transmitter.lock() = Some(tx);
         let mut state = self.state.lock();
         if let Err(e) = result {
@@ -855,32 +849,6 @@ impl Shared {
         if unwritten || state.wants_to_send() || state.is_finished() {
             state.wake_writer();
         }
-    }
-}
-
-impl Shared {
-    /// Builds and seals what the state machine has to send through the
-    /// held transmitter without writing it: the frames go out with the
-    /// next write (an application task's, or the writer task's, which is
-    /// woken). What is sealed is in frames: closing the connection still
-    /// sends it ahead of the `TearDown`.
-    pub(crate) fn stage_held(&self, held: HeldTransmitter) {
-        let HeldTransmitter { mut tx } = held;
-        {
-            let mut state = self.state.lock();
-            state.hold_writer_wakes(false);
-            tx.build(&mut state, Instant::now());
-        }
-        let result = tx.seal();
-        // Anything sealed before was staged too: a transport that refused
-        // frames keeps the transmitter from being held.
-        tx.staged = true;
-        *self.transmitter.lock() = Some(tx);
-        let mut state = self.state.lock();
-        if let Err(e) = result {
-            state.transport_failed(e.context(format!("writing to {}", self.remote_addr)));
-        }
-        state.wake_writer();
     }
 }
 

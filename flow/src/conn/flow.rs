@@ -484,12 +484,12 @@ impl AsyncWrite for FlowWriter {
     }
 
     /// Ends the flow and flushes: returns once what was written is in
-    /// frames and the end is as sure to go out (queued on a flow with
-    /// nothing else pending, which even closing the connection sends ahead
-    /// of its `TearDown`; otherwise sealed into a frame). The end itself
-    /// leaves with the next write on the connection, this task's or
-    /// another's, or the writer task's, so it rarely costs a system call
-    /// and a segment of its own.
+    /// frames and the end is as sure to go out — at once when nothing else
+    /// of the flow waits (a queued end is sent even by closing the
+    /// connection, ahead of its `TearDown`), else once it is in a frame.
+    /// The end leaves with the next write on the connection, this task's
+    /// or another's, or the writer task's, so it rarely costs a system
+    /// call and a segment of its own.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Err(e) = this.timer.check(&this.inner, cx) {
@@ -502,9 +502,6 @@ impl AsyncWrite for FlowWriter {
         // leaves with the next write on the connection.
         if shared.state.lock().end_is_queued_safely(this.inner.id) {
             return Poll::Ready(Ok(()));
-        }
-        if let Some(held) = shared.hold_transmitter() {
-            shared.stage_held(held);
         }
         this.poll_flush_flow(cx).map_err(io_error)
     }

@@ -589,24 +589,21 @@ impl Dialer {
             params.config.resumption.as_ref().and_then(|store| {
                 store.take_held(&params.held_key(&remote, remote.routing_id()), now)
             });
+        let key =
+            PreparedKey::spare_or_new().map_err(|e| noise_err("making the ephemeral key", e))?;
         // With a store, the hello always carries the option: empty to ask
         // for a ticket (an acceptor issues tickets only to dialers that
         // keep them), or a ticket to redeem with a proof of its secret over
-        // this hello's ephemeral key, made here for the purpose.
-        let (ticket, prepared) = match (&params.config.resumption, &resume) {
+        // this hello's ephemeral key.
+        let ticket = match (&params.config.resumption, &resume) {
             (Some(_), Some(t)) => {
-                let key = match PreparedKey::take_spare() {
-                    Some(key) => key,
-                    None => PreparedKey::generate()
-                        .map_err(|e| noise_err("making the ephemeral key", e))?,
-                };
                 let proof = resumption::binder(&t.secret, key.public());
-                (Some([&t.id[..], &proof[..]].concat()), Some(key))
+                Some([&t.id[..], &proof[..]].concat())
             }
-            (Some(_), None) => (Some(Vec::new()), PreparedKey::take_spare()),
-            (None, _) => (None, PreparedKey::take_spare()),
+            (Some(_), None) => Some(Vec::new()),
+            (None, _) => None,
         };
-        let mut noise = noise_builder(suite, prepared)?
+        let mut noise = noise_builder(suite, Some(key))?
             .build_initiator()
             .map_err(|e| noise_err("initiator", e))?;
         let payload = encode_setup(local_setup(&params, Some(&remote), ticket.as_deref()));
@@ -945,7 +942,7 @@ impl Acceptor {
         Acceptor {
             params,
             // Without one, the handshake makes a key pair when it needs it.
-            prepared: PreparedKey::take_spare().or_else(|| PreparedKey::generate().ok()),
+            prepared: PreparedKey::spare_or_new().ok(),
             answered: None,
         }
     }

@@ -53,11 +53,14 @@ impl PreparedKey {
         &self.public
     }
 
-    /// A key pair made ahead by [`PreparedKey::make_spare`], if a fresh
-    /// one waits; each is handed out once.
-    pub(crate) fn take_spare() -> Option<PreparedKey> {
-        let mut spares = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
-        take_fresh(&mut spares, Instant::now())
+    /// A key pair made ahead by [`PreparedKey::make_spare`] if a fresh one
+    /// waits (each is handed out once), else a new one.
+    pub(crate) fn spare_or_new() -> Result<PreparedKey, snow::Error> {
+        let spare = take_fresh(
+            &mut SPARES.lock().unwrap_or_else(PoisonError::into_inner),
+            Instant::now(),
+        );
+        spare.map_or_else(PreparedKey::generate, Ok)
     }
 
     /// Makes a key pair for a later handshake of this process, unless
@@ -308,7 +311,7 @@ mod tests {
     fn a_spare_key_made_ahead_is_a_working_key_pair() {
         PreparedKey::make_spare();
         // Other tests may take it first; then this makes a fresh one.
-        let key = PreparedKey::take_spare().unwrap_or_else(|| PreparedKey::generate().unwrap());
+        let key = PreparedKey::spare_or_new().unwrap();
         let other = PreparedKey::generate().unwrap();
         let a = agreement::agree_ephemeral(
             key.private,

@@ -728,10 +728,8 @@ impl ConnState {
             let Some(entry) = self.flows.get_mut(&id) else {
                 continue;
             };
-            if entry.opened
-                && id & PROVISIONAL == 0
-                && entry.send_state == SendState::Closing
-                && entry.send_queue.is_empty()
+            // Ids of flows on the wire are never provisional.
+            if entry.opened && entry.send_state == SendState::Closing && entry.send_queue.is_empty()
             {
                 entry.send_state = SendState::Closed;
                 self.control.push_back(Message::Data(Data {
@@ -1605,8 +1603,6 @@ impl ConnState {
         id: FlowId,
         max: usize,
     ) -> Poll<Result<Option<Bytes>>> {
-        // Most reads need no time: the clock is read only if one does.
-        let now = std::cell::LazyCell::new(now);
         let id = self.resolve(id);
         let error = self.error.clone();
         let Some(entry) = self.flows.get_mut(&id) else {
@@ -1619,7 +1615,7 @@ impl ConnState {
                 front.split_to(max)
             };
             if error.is_none() {
-                self.consumed(id, chunk.len() as u64, || *now);
+                self.consumed(id, chunk.len() as u64, now);
             }
             return Poll::Ready(Ok(Some(chunk)));
         }

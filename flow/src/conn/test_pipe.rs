@@ -42,25 +42,10 @@ pub(crate) fn pipe_with(
 /// Two connected ends whose writers take every frame without waiting but
 /// keep them (reported by `has_pending`) until the next `write_frames`.
 pub(crate) fn holding_pipe() -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
-    let (mut a, mut b) = (pipe_end(64, true, "a"), pipe_end(64, true, "b"));
-    std::mem::swap(&mut a.rx, &mut b.rx);
+    let (mut a, mut b, _) = ends(64, true);
     a.holds_taken = true;
     b.holds_taken = true;
     (Box::new(a), Box::new(b))
-}
-
-/// One end whose receiver is its own sender's (to be swapped with the
-/// other end's).
-fn pipe_end(capacity: usize, writes_without_waiting: bool, name: &'static str) -> PipeEnd {
-    let (tx, rx) = mpsc::channel(capacity);
-    PipeEnd {
-        tx,
-        rx,
-        name,
-        writes_without_waiting,
-        refusing: Arc::new(AtomicBool::new(false)),
-        holds_taken: false,
-    }
 }
 
 /// Like [`pipe_with`], plus a switch that makes both ends' non-blocking
@@ -69,28 +54,24 @@ pub(crate) fn refusable_pipe(
     capacity: usize,
     writes_without_waiting: bool,
 ) -> (Box<dyn FramedConn>, Box<dyn FramedConn>, Arc<AtomicBool>) {
+    let (a, b, refusing) = ends(capacity, writes_without_waiting);
+    (Box::new(a), Box::new(b), refusing)
+}
+
+/// Two connected ends sharing a refusal switch.
+fn ends(capacity: usize, writes_without_waiting: bool) -> (PipeEnd, PipeEnd, Arc<AtomicBool>) {
     let (a_tx, a_rx) = mpsc::channel(capacity);
     let (b_tx, b_rx) = mpsc::channel(capacity);
     let refusing = Arc::new(AtomicBool::new(false));
-    (
-        Box::new(PipeEnd {
-            tx: a_tx,
-            rx: b_rx,
-            name: "a",
-            writes_without_waiting,
-            refusing: refusing.clone(),
-            holds_taken: false,
-        }),
-        Box::new(PipeEnd {
-            tx: b_tx,
-            rx: a_rx,
-            name: "b",
-            writes_without_waiting,
-            refusing: refusing.clone(),
-            holds_taken: false,
-        }),
-        refusing,
-    )
+    let end = |tx, rx, name| PipeEnd {
+        tx,
+        rx,
+        name,
+        writes_without_waiting,
+        refusing: refusing.clone(),
+        holds_taken: false,
+    };
+    (end(a_tx, b_rx, "a"), end(b_tx, a_rx, "b"), refusing.clone())
 }
 
 struct PipeReader(mpsc::Receiver<Bytes>);
