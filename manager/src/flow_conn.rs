@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use flow::auth::AllowEveryone;
-use flow::conn::{Flow, FlowReader, FlowWriter};
+use flow::conn::{Flow, FlowReader, FlowWriter, MessageSender};
 use flow::naming::Endpoint;
 use flow::transport::{FrameReader, FrameSink, FrameWriter, FramedConn, Listener, Protocol};
 use flow::{Error, Result};
@@ -22,6 +22,7 @@ use crate::manager::{Inner, Manager};
 /// A flow carrying another connection's frames.
 pub struct FlowConn {
     flow: Flow,
+    sender: MessageSender,
     local: String,
     remote: String,
     max_frame: usize,
@@ -41,11 +42,13 @@ impl FlowConn {
     /// a second encryption.
     pub fn new(flow: Flow) -> Result<FlowConn> {
         flow.set_passthrough()?;
+        let sender = flow.sender()?;
         let max_frame = flow.conn().max_message();
         let local = format!("{} via flow", flow.conn().local_addr());
         let remote = format!("{} via flow", flow.conn().remote_addr());
         Ok(FlowConn {
             flow,
+            sender,
             local,
             remote,
             max_frame,
@@ -54,7 +57,11 @@ impl FlowConn {
 }
 
 struct FlowFrameReader(FlowReader);
-struct FlowFrameWriter(FlowWriter);
+struct FlowFrameWriter {
+    writer: FlowWriter,
+    /// Writes frames without waiting, checked once to keep them whole.
+    sender: MessageSender,
+}
 
 impl FrameReader for FlowFrameReader {
     fn read_frame(&mut self) -> BoxFuture<'_, Result<Option<BytesMut>>> {
@@ -77,7 +84,7 @@ impl FrameWriter for FlowFrameWriter {
     fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             for frame in frames {
-                self.0.write_msg(&[frame]).await?;
+                self.writer.write_msg(&[frame]).await?;
             }
             Ok(())
         })
@@ -89,7 +96,7 @@ impl FrameWriter for FlowFrameWriter {
 
     fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
         for (taken, frame) in frames.iter().enumerate() {
-            if !self.0.try_write_msg(frame)? {
+            if !self.sender.try_send(frame)? {
                 return Ok(taken);
             }
         }
@@ -97,15 +104,19 @@ impl FrameWriter for FlowFrameWriter {
     }
 
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
-        self.0.close_write();
+        self.writer.close_write();
         Box::pin(async { Ok(()) })
     }
 }
 
 impl FramedConn for FlowConn {
     fn split(self: Box<Self>) -> (Box<dyn FrameReader>, Box<dyn FrameWriter>) {
-        let (r, w) = self.flow.into_split();
-        (Box::new(FlowFrameReader(r)), Box::new(FlowFrameWriter(w)))
+        let (r, writer) = self.flow.into_split();
+        let sender = self.sender;
+        (
+            Box::new(FlowFrameReader(r)),
+            Box::new(FlowFrameWriter { writer, sender }),
+        )
     }
 
     fn local_addr(&self) -> String {

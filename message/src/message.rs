@@ -274,8 +274,9 @@ pub struct DischargesMsg {
 /// Any message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// See [`Setup`].
-    Setup(Setup),
+    /// See [`Setup`] (boxed: it is rare and large, and every other
+    /// message would be as large otherwise).
+    Setup(Box<Setup>),
     /// See [`Auth`].
     Auth(Auth),
     /// See [`OpenFlow`].
@@ -690,7 +691,7 @@ impl Message {
         let msg = match kind {
             kind::SETUP => {
                 r.set_context("Setup");
-                Message::Setup(Setup::decode_fields(r)?)
+                Message::Setup(Box::new(Setup::decode_fields(r)?))
             }
             kind::AUTH => {
                 r.set_context("Auth");

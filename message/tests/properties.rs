@@ -72,7 +72,7 @@ fn setup() -> impl Strategy<Value = Setup> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        setup().prop_map(Message::Setup),
+        setup().prop_map(|s| Message::Setup(Box::new(s))),
         (varint(), varint(), payload()).prop_map(|(b, d, sig)| Message::Auth(Auth {
             blessings_key: b,
             discharge_key: d,
@@ -245,10 +245,10 @@ fn setup_keeps_unknown_options_and_rejects_duplicates() {
         }],
     };
     let mut buf = BytesMut::new();
-    Message::Setup(setup.clone()).encode(&mut buf);
+    Message::Setup(Box::new(setup.clone())).encode(&mut buf);
     assert_eq!(
         decode_frame(buf.freeze()).unwrap(),
-        vec![Message::Setup(setup)]
+        vec![Message::Setup(Box::new(setup))]
     );
 
     // Two MTU options.

@@ -23,7 +23,7 @@ use super::state::{
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
-use crate::transport::{FrameReader, FrameSink, FrameWriter, FramedConn};
+use crate::transport::{Delivery, FrameReader, FrameSink, FrameWriter, FramedConn};
 use crate::{Error, ErrorKind, Result};
 
 /// Most frames one batch (one vectored write) carries.
@@ -484,7 +484,32 @@ async fn read_loop(
 /// A flow's sink, with the lock that keeps its deliveries in order.
 struct SinkEntry {
     sink: Arc<dyn FrameSink>,
-    delivering: Mutex<()>,
+    /// Held while delivering; true once the sink refused a message (it is
+    /// then out of the table, and what was meant for it goes elsewhere).
+    refused: Mutex<bool>,
+}
+
+/// Credit for bytes flows' sinks took, summed while one flow's messages
+/// follow each other, returned to the state machine in one lock.
+#[derive(Default)]
+struct SinkCredit(Option<(FlowId, u64)>);
+
+impl SinkCredit {
+    fn add(&mut self, shared: &Shared, id: FlowId, n: u64) {
+        match &mut self.0 {
+            Some((last, sum)) if *last == id => *sum += n,
+            _ => {
+                self.flush(shared);
+                self.0 = Some((id, n));
+            }
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if let Some((id, n)) = self.0.take() {
+            shared.state.lock().sink_took(id, n, Instant::now);
+        }
+    }
 }
 
 impl Shared {
@@ -500,7 +525,7 @@ impl Shared {
             )
         };
         // Even when this frame closed the connection: what came before the
-        // close was received (and its credit returned) like any data.
+        // close was received like any data.
         if !items.is_empty() {
             self.deliver_to_sinks(items);
         }
@@ -518,50 +543,150 @@ impl Shared {
         }
     }
 
-    /// Hands `items` to their flows' sinks, in order.
+    /// Hands `items` to their flows' sinks, in order, and returns the
+    /// credit of what they took.
     fn deliver_to_sinks(&self, items: Vec<SinkItem>) {
+        let mut credit = SinkCredit::default();
         for item in items {
             match item {
                 SinkItem::Data(id, data) => {
-                    let entry = self.sinks.lock().get(&id).cloned();
-                    if let Some(entry) = entry {
-                        let _in_order = entry.delivering.lock();
-                        entry.sink.deliver(data);
+                    let n = data.len() as u64;
+                    if self.deliver_data(id, data) {
+                        credit.add(self, id, n);
                     }
                 }
                 SinkItem::End(id) => {
-                    let entry = self.sinks.lock().remove(&id);
-                    // Once any delivery in progress is done.
-                    let _in_order = entry.as_ref().map(|e| e.delivering.lock());
-                    self.state.lock().sink_ended(id);
+                    credit.flush(self);
+                    self.deliver_end(id);
                 }
             }
         }
+        credit.flush(self);
+    }
+
+    /// Runs `f` with flow `id`'s sink and its delivery lock held; `None`
+    /// if the flow has no sink. Skips a sink that refused meanwhile (it
+    /// left the table when it refused; another may have been attached
+    /// since).
+    fn with_sink<R>(
+        &self,
+        id: FlowId,
+        f: impl FnOnce(&Arc<SinkEntry>, &mut bool) -> R,
+    ) -> Option<R> {
+        loop {
+            let entry = self.sinks.lock().get(&id).cloned()?;
+            let mut refused = entry.refused.lock();
+            if !*refused {
+                return Some(f(&entry, &mut refused));
+            }
+        }
+    }
+
+    /// Offers `data` to flow `id`'s sink; true if it took it. What it
+    /// refuses, and data whose sink refused earlier, goes back to the
+    /// flow's reader.
+    fn deliver_data(&self, id: FlowId, data: Bytes) -> bool {
+        // Moved into the sink only once one is found.
+        let mut data = Some(data);
+        loop {
+            let offered = self.with_sink(id, |entry, refused| {
+                let Some(msg) = data.take() else {
+                    return false;
+                };
+                match entry.sink.deliver(msg) {
+                    Delivery::Taken => true,
+                    Delivery::Refused(back) => {
+                        self.detach_refusing(id, entry, refused, [back]);
+                        false
+                    }
+                }
+            });
+            if let Some(taken) = offered {
+                return taken;
+            }
+            // Detached (or never had one): the reader gets it, after what
+            // its sink refused — unless a sink was attached again
+            // meanwhile; then that one is offered it.
+            let Some(msg) = data.take() else {
+                return false;
+            };
+            if let Err(back) = self.state.lock().return_to_reader(id, msg) {
+                data = Some(back);
+            } else {
+                return false;
+            }
+        }
+    }
+
+    /// The sink `entry` of flow `id` refused the first of `msgs`: it
+    /// leaves the table and they go back to the reader, in order.
+    fn detach_refusing(
+        &self,
+        id: FlowId,
+        entry: &Arc<SinkEntry>,
+        refused: &mut bool,
+        msgs: impl IntoIterator<Item = Bytes>,
+    ) {
+        *refused = true;
+        {
+            let mut sinks = self.sinks.lock();
+            if sinks.get(&id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                sinks.remove(&id);
+            }
+        }
+        self.state.lock().sink_refused(id, msgs);
+    }
+
+    /// The peer ended flow `id`: once everything before reached its sink,
+    /// its reader may see the end. (A detached flow's reader sees it after
+    /// the messages returned to it.)
+    fn deliver_end(&self, id: FlowId) {
+        self.with_sink(id, |_, _| {
+            self.sinks.lock().remove(&id);
+            self.state.lock().sink_ended(id);
+        });
     }
 
     /// See [`super::FlowReader::attach_sink`].
     pub(crate) fn attach_sink(&self, id: FlowId, sink: Arc<dyn FrameSink>) -> bool {
         let entry = Arc::new(SinkEntry {
             sink,
-            delivering: Mutex::new(()),
+            refused: Mutex::new(false),
         });
         // Held until what was waiting is delivered, so the reading task,
         // which takes it for each later message, delivers after.
-        let _in_order = entry.delivering.lock();
+        let mut refused = entry.refused.lock();
         let (id, waiting, ended) = {
             let mut state = self.state.lock();
-            let Some(attached) = state.attach_sink(id, Instant::now()) else {
+            let Some(attached) = state.attach_sink(id) else {
                 return false;
             };
             self.sinks.lock().insert(attached.0, entry.clone());
             attached
         };
-        for data in waiting {
-            entry.sink.deliver(data);
+        let mut taken = 0;
+        let mut waiting = waiting.into_iter();
+        while let Some(data) = waiting.next() {
+            let n = data.len() as u64;
+            match entry.sink.deliver(data) {
+                Delivery::Taken => taken += n,
+                Delivery::Refused(back) => {
+                    self.detach_refusing(
+                        id,
+                        &entry,
+                        &mut refused,
+                        std::iter::once(back).chain(waiting),
+                    );
+                    self.state.lock().sink_took(id, taken, Instant::now);
+                    return true;
+                }
+            }
         }
+        let mut state = self.state.lock();
+        state.sink_took(id, taken, Instant::now);
         if ended {
             self.sinks.lock().remove(&id);
-            self.state.lock().sink_ended(id);
+            state.sink_ended(id);
         }
         true
     }
@@ -575,20 +700,22 @@ struct PushedFrames {
 }
 
 impl FrameSink for PushedFrames {
-    fn deliver(&self, frame: Bytes) {
+    fn deliver(&self, frame: Bytes) -> Delivery {
         let frame = frame
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        let opened = match self.opener.lock().as_mut() {
-            Some(opener) => opener.open(frame),
-            None => return,
-        };
+        // Without an opener, this side's reading task opens frames itself
+        // and none come here.
+        let opened = self.opener.lock().as_mut().map(|opener| opener.open(frame));
         match opened {
-            Ok((plain, encrypted_len)) => {
+            Some(Ok((plain, encrypted_len))) => {
                 self.shared.handle_frame(plain, encrypted_len);
             }
-            Err(e) => self.shared.reading_failed(e),
+            Some(Err(e)) => self.shared.reading_failed(e),
+            None => {}
         }
+        // Taken either way: what this connection cannot use it drops.
+        Delivery::Taken
     }
 }
 

@@ -151,6 +151,11 @@ impl Flow {
         self.writer.write_msg_and_close(bufs).await
     }
 
+    /// See [`FlowWriter::sender`].
+    pub fn sender(&self) -> Result<MessageSender> {
+        self.writer.sender()
+    }
+
     /// Waits until what was written is in frames (and the flow is open on
     /// the wire, even if nothing was written).
     pub async fn flush(&mut self) -> Result<()> {
@@ -287,13 +292,31 @@ impl FlowReader {
 
     /// From now on, the connection's reading task hands each message of
     /// this flow to `sink` as it arrives (messages already waiting first),
-    /// instead of keeping it for this reader; the message's credit goes
-    /// back to the peer at once, so the sink must bound what it keeps.
-    /// This reader then returns only the end of the flow, after the last
-    /// message was delivered, or an error. Returns false (and changes
-    /// nothing) if the flow was closed.
+    /// instead of keeping it for this reader; a message's credit goes back
+    /// to the peer when the sink takes it. This reader then returns only
+    /// the end of the flow, after the last message was delivered, or an
+    /// error. A sink that refuses a message is detached: that message and
+    /// those after it come out of this reader again, in order, and the
+    /// sink can be attached again later. Returns false (and changes
+    /// nothing) if the flow was closed, is not yet open on the wire, or
+    /// has a sink already.
     pub fn attach_sink(&self, sink: Arc<dyn FrameSink>) -> bool {
         self.inner.conn.shared.attach_sink(self.inner.id, sink)
+    }
+}
+
+/// Writes whole messages to a flow from code that cannot wait, such as a
+/// [`FrameSink`] forwarding one flow's messages to another (see
+/// [`FlowWriter::sender`]). Keeps the flow open like a handle.
+#[derive(Clone)]
+pub struct MessageSender {
+    inner: Arc<FlowInner>,
+}
+
+impl MessageSender {
+    /// As [`FlowWriter::try_write_msg`].
+    pub fn try_send(&self, msg: &[u8]) -> Result<bool> {
+        try_send_whole(&self.inner, msg)
     }
 }
 
@@ -302,37 +325,7 @@ impl FlowWriter {
         if let Err(e) = self.timer.check(&self.inner, cx) {
             return Poll::Ready(Err(e));
         }
-        // Where the transport takes frames without waiting, this task sends
-        // what it queues itself, sparing a hand-off to the writer task.
-        let Some(held) = self.inner.conn.shared.hold_transmitter() else {
-            return self.poll_queue_bufs(cx, bufs);
-        };
-        let result = self.poll_queue_bufs(cx, bufs);
-        self.inner.conn.shared.send_held(held);
-        result
-    }
-
-    /// Queues what credit allows of `bufs` on the flow.
-    fn poll_queue_bufs(&mut self, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
-        let inner = &self.inner;
-        let total = bufs.iter().map(|b| b.len()).sum();
-        let (n, buffer) = {
-            let mut state = inner.conn.shared.state.lock();
-            if state.is_unopened(inner.id) {
-                // Bytes borrowed for the OpenFlow must be queued before the
-                // OpenFlow can go out: copy them under the lock (they are
-                // few: at most the shared tokens).
-                return state.poll_write(cx, inner.id, bufs);
-            }
-            let n = ready!(state.reserve_write(cx, inner.id, total))?;
-            (n, state.spare_buffer(n))
-        };
-        if n > 0 {
-            // Copy outside the lock: the credit is already ours.
-            let chunk = Chunk::copy_into(buffer, bufs, n);
-            inner.conn.shared.state.lock().commit_write(inner.id, chunk);
-        }
-        Poll::Ready(Ok(n))
+        poll_send(&self.inner, cx, bufs)
     }
 
     fn poll_flush_flow(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -366,25 +359,20 @@ impl FlowWriter {
     /// waiting; `Ok(false)`, with nothing written, if it cannot. Only for
     /// flows that keep messages whole (see [`Flow::disable_fragmentation`]);
     /// on others it fails with [`ErrorKind::BadState`].
-    pub fn try_write_msg(&mut self, msg: &[u8]) -> Result<bool> {
-        let inner = &self.inner;
-        let whole = inner
-            .conn
-            .shared
-            .state
-            .lock()
-            .keeps_messages_whole(inner.id);
-        if !whole {
-            return Err(Error::bad_state(
-                "try_write_msg needs a flow that keeps messages whole",
-            ));
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_write_bufs(&mut cx, &[msg]) {
-            Poll::Ready(Ok(_)) => Ok(true),
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Ok(false),
-        }
+    pub fn try_write_msg(&self, msg: &[u8]) -> Result<bool> {
+        check_whole(&self.inner)?;
+        try_send_whole(&self.inner, msg)
+    }
+
+    /// A handle that writes whole messages to this flow without waiting,
+    /// for code that cannot hold this writer (see [`MessageSender`]). Only
+    /// for flows that keep messages whole, as
+    /// [`FlowWriter::try_write_msg`].
+    pub fn sender(&self) -> Result<MessageSender> {
+        check_whole(&self.inner)?;
+        Ok(MessageSender {
+            inner: self.inner.clone(),
+        })
     }
 
     /// See [`Flow::write_msg_and_close`].
@@ -412,6 +400,72 @@ impl FlowWriter {
     /// The connection this flow is on.
     pub fn conn(&self) -> &Conn {
         &self.inner.conn
+    }
+}
+
+/// Queues what credit allows of `bufs` on the flow and, where the
+/// transport takes frames without waiting, sends them from this task,
+/// sparing a hand-off to the writer task.
+fn poll_send(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
+    let Some(held) = inner.conn.shared.hold_transmitter() else {
+        return poll_queue_bufs(inner, cx, bufs);
+    };
+    let result = poll_queue_bufs(inner, cx, bufs);
+    inner.conn.shared.send_held(held);
+    result
+}
+
+/// Queues what credit allows of `bufs` on the flow.
+fn poll_queue_bufs(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
+    let total = bufs.iter().map(|b| b.len()).sum();
+    let (n, buffer) = {
+        let mut state = inner.conn.shared.state.lock();
+        if state.is_unopened(inner.id) {
+            // Bytes borrowed for the OpenFlow must be queued before the
+            // OpenFlow can go out: copy them under the lock (they are
+            // few: at most the shared tokens).
+            return state.poll_write(cx, inner.id, bufs);
+        }
+        let n = ready!(state.reserve_write(cx, inner.id, total))?;
+        (n, state.spare_buffer(n))
+    };
+    if n > 0 {
+        // Copy outside the lock: the credit is already ours.
+        let chunk = Chunk::copy_into(buffer, bufs, n);
+        inner.conn.shared.state.lock().commit_write(inner.id, chunk);
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// Fails unless flow `inner` keeps messages whole (which, once set, stays).
+fn check_whole(inner: &FlowInner) -> Result<()> {
+    let whole = inner
+        .conn
+        .shared
+        .state
+        .lock()
+        .keeps_messages_whole(inner.id);
+    if whole {
+        Ok(())
+    } else {
+        Err(Error::bad_state(
+            "writing without waiting needs a flow that keeps messages whole",
+        ))
+    }
+}
+
+/// Writes `msg` whole if flow `inner` (one that keeps messages whole) can
+/// take it now (see [`FlowWriter::try_write_msg`]). A deadline that passed
+/// fails it; none is waited for.
+fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
+    if inner.deadline.lock().is_some_and(|at| Instant::now() >= at) {
+        return Err(Error::timeout("flow deadline passed"));
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match poll_send(inner, &mut cx, &[msg]) {
+        Poll::Ready(Ok(_)) => Ok(true),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(false),
     }
 }
 

@@ -163,14 +163,14 @@ fn receive_mtu(params: &HandshakeParams) -> usize {
 
 fn encode_setup(setup: Setup) -> BytesMut {
     let mut buf = BytesMut::new();
-    Message::Setup(setup).encode(&mut buf);
+    Message::Setup(Box::new(setup)).encode(&mut buf);
     buf
 }
 
 fn decode_setup(payload: Bytes) -> Result<Setup> {
     let mut r = Reader::new(payload, "Setup");
     match Message::decode(&mut r) {
-        Ok(Message::Setup(setup)) if r.is_empty() => Ok(setup),
+        Ok(Message::Setup(setup)) if r.is_empty() => Ok(*setup),
         Ok(other) => Err(Error::bad_arg(format!(
             "handshake expected Setup, got {}",
             other.name()

@@ -287,7 +287,7 @@ fn a_proof_is_bound_to_the_hello_that_carries_it() {
     let mut setup = super::handshake::peek_hello(&hello).unwrap();
     setup.ticket = Some(option);
     let mut forged = BytesMut::from(&hello[..35]);
-    Message::Setup(setup).encode(&mut forged);
+    Message::Setup(Box::new(setup)).encode(&mut forged);
     assert_eq!(bob.store().len().0, 1);
     Acceptor::new(bob.params()).on_hello(forged, now).unwrap();
     assert_eq!(bob.store().len().0, 1, "bob neither redeemed nor spent it");
@@ -379,7 +379,7 @@ fn a_hello_naming_a_malformed_ticket_is_refused() {
     let mut setup = super::handshake::peek_hello(&hello).unwrap();
     setup.ticket = Some(bytes::Bytes::from_static(b"short"));
     let mut forged = BytesMut::from(&hello[..35]);
-    Message::Setup(setup).encode(&mut forged);
+    Message::Setup(Box::new(setup)).encode(&mut forged);
     let err = Acceptor::new(bob.params())
         .on_hello(forged, now)
         .unwrap_err();

@@ -320,6 +320,18 @@ impl FlowEntry {
         !self.handle_alive && self.send_done() && (self.recv_done() || !self.opened)
     }
 
+    /// Puts messages a sink did not take back in the queue for the reader,
+    /// after what is waiting (a closed flow released their credit when it
+    /// closed: they are dropped).
+    fn requeue(&mut self, msgs: impl IntoIterator<Item = Bytes>) {
+        if !self.discarding {
+            self.recv_queue.extend(msgs);
+        }
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
     fn wake_closed(&mut self) {
         for w in self.closed_wakers.drain(..) {
             w.wake();
@@ -1109,9 +1121,9 @@ impl ConnState {
             }
         } else if sink {
             if n > 0 {
-                // Handed on at once: its credit goes back as if read.
+                // Its credit goes back once the sink takes it
+                // (`sink_took`).
                 self.sink_items.push(SinkItem::Data(id, payload));
-                self.consumed(id, n, || now);
             }
         } else if n > 0 {
             entry.recv_queue.push_back(detach(payload, frame_len));
@@ -1669,14 +1681,17 @@ impl ConnState {
     }
 
     /// Sends flow `id`'s data to a sink from now on: the reading task takes
-    /// it with [`ConnState::take_sink_items`] after each frame, and the
+    /// it with [`ConnState::take_sink_items`] after each frame, reports
+    /// what the sink took with [`ConnState::sink_took`] (its credit goes
+    /// back then) and what it refused with [`ConnState::sink_refused`]; the
     /// flow's reader sees only errors, and the end of the flow once
     /// [`ConnState::sink_ended`] says it was delivered. Returns the flow's
     /// id as the items name it, what was already waiting to be read (to
     /// deliver first), and whether the peer had already ended the flow
     /// (then call `sink_ended` after delivering that). `None` if the flow
-    /// is gone, not yet opened on the wire, or its reader gave up.
-    pub fn attach_sink(&mut self, id: FlowId, now: Instant) -> Option<(FlowId, Vec<Bytes>, bool)> {
+    /// is gone, not yet opened on the wire, already has a sink, or its
+    /// reader gave up.
+    pub fn attach_sink(&mut self, id: FlowId) -> Option<(FlowId, Vec<Bytes>, bool)> {
         let id = self.resolve(id);
         let entry = self.flows.get_mut(&id)?;
         // A flow not yet opened on the wire has no id the peer's messages
@@ -1687,11 +1702,41 @@ impl ConnState {
         entry.sink = SinkState::Attached;
         let waiting: Vec<Bytes> = entry.recv_queue.drain(..).collect();
         let ended = entry.recv_state == RecvState::PeerClosed;
-        let n = waiting.iter().map(|b| b.len() as u64).sum();
-        if self.error.is_none() && n > 0 {
-            self.consumed(id, n, || now);
-        }
         Some((id, waiting, ended))
+    }
+
+    /// Flow `id`'s sink took `n` more bytes: their credit goes back as if
+    /// they were read. (Bytes of a flow closed since were released then.)
+    /// `now` is asked only when credit goes back.
+    pub fn sink_took(&mut self, id: FlowId, n: u64, now: impl FnOnce() -> Instant) {
+        let live = self.flows.get(&id).is_some_and(|e| !e.discarding);
+        if live && n > 0 && self.error.is_none() {
+            self.consumed(id, n, now);
+        }
+    }
+
+    /// Flow `id`'s sink refused `msgs` (the first it could not take, then
+    /// those after it, in order): the sink is detached and they wait for
+    /// the flow's reader, which can attach a sink again once it caught up.
+    pub fn sink_refused(&mut self, id: FlowId, msgs: impl IntoIterator<Item = Bytes>) {
+        if let Some(entry) = self.flows.get_mut(&id) {
+            entry.sink = SinkState::None;
+            entry.requeue(msgs);
+        }
+    }
+
+    /// Gives a message of flow `id` taken for a sink that has since been
+    /// detached back to the flow's reader, after what is waiting. Hands it
+    /// back if a sink is attached again: deliver it to that one instead.
+    pub fn return_to_reader(&mut self, id: FlowId, msg: Bytes) -> std::result::Result<(), Bytes> {
+        match self.flows.get_mut(&id) {
+            Some(entry) if entry.sink == SinkState::Attached => Err(msg),
+            Some(entry) => {
+                entry.requeue([msg]);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Data and ends for flows with sinks since the last call, in order.

@@ -507,16 +507,14 @@ fn a_sink_gets_waiting_then_new_messages_in_order_and_the_end_last() {
     write_all(&mut p.a, f, b"two");
     p.pump();
     // "one" and "two" wait in the flow: they come back to be delivered
-    // first, and their credit goes back as if read.
-    let window_before = p.b.window_total();
-    let (sink_id, waiting, ended) = p.b.attach_sink(g, p.now).unwrap();
+    // first.
+    let (sink_id, waiting, ended) = p.b.attach_sink(g).unwrap();
     assert_eq!(
         waiting,
         vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")]
     );
     assert!(!ended);
-    assert!(p.b.attach_sink(g, p.now).is_none(), "attached twice");
-    assert_eq!(p.b.window_total(), window_before);
+    assert!(p.b.attach_sink(g).is_none(), "attached twice");
     // Later messages go to the sink, not to the reader.
     write_all(&mut p.a, f, b"three");
     p.a.close_write(f);
@@ -545,9 +543,9 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
     write_all(&mut p.a, f, b"x");
     p.pump();
     let g = accept(&mut p.b).unwrap();
-    p.b.attach_sink(g, p.now).unwrap();
+    p.b.attach_sink(g).unwrap();
     p.pump();
-    // Credit returns as messages reach the sink: far more than a window
+    // Credit returns as the sink takes messages: far more than a window
     // goes through while nothing reads the flow.
     let chunk = vec![7u8; 16 * 1024];
     let (mut written, mut delivered) = (1, 0);
@@ -555,8 +553,9 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
         written += write_all(&mut p.a, f, &chunk);
         p.pump();
         for item in p.b.take_sink_items() {
-            if let SinkItem::Data(_, data) = item {
+            if let SinkItem::Data(id, data) = item {
                 delivered += data.len();
+                p.b.sink_took(id, data.len() as u64, || p.now);
             }
         }
     }
@@ -567,14 +566,87 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
 }
 
 #[test]
+fn a_sink_that_takes_nothing_stops_the_sender_after_one_window() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"x");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.b.attach_sink(g).unwrap();
+    p.pump();
+    // Messages handed to the sink but not (yet) taken hold their credit.
+    let chunk = vec![7u8; 16 * 1024];
+    let mut written = 1;
+    for _ in 0..2000 {
+        written += write_all(&mut p.a, f, &chunk);
+        p.pump();
+    }
+    let held: usize =
+        p.b.take_sink_items()
+            .iter()
+            .map(|item| match item {
+                SinkItem::Data(_, data) => data.len(),
+                SinkItem::End(_) => 0,
+            })
+            .sum();
+    assert_eq!(held + 1, written);
+    assert!(written <= 4 * 1024 * 1024, "{written}");
+}
+
+#[test]
+fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(f).unwrap();
+    write_all(&mut p.a, f, b"0");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    assert_eq!(read_all(&mut p.b, g).0, b"0");
+    let (sink_id, _, _) = p.b.attach_sink(g).unwrap();
+    for msg in [&b"1"[..], b"2", b"3"] {
+        assert_eq!(write_all(&mut p.a, f, msg), 1);
+    }
+    p.pump();
+    let items = p.b.take_sink_items();
+    assert_eq!(items.len(), 3);
+    // The sink takes "1" and refuses "2": "2" goes back, and "3", still in
+    // the deliverer's hands, after it.
+    p.b.sink_took(sink_id, 1, || p.now);
+    let mut items = items.into_iter().skip(1).map(|item| match item {
+        SinkItem::Data(_, data) => data,
+        SinkItem::End(_) => panic!("no end was sent"),
+    });
+    p.b.sink_refused(sink_id, items.next());
+    assert_eq!(p.b.return_to_reader(sink_id, items.next().unwrap()), Ok(()));
+    // Detached: a later message waits behind them for the reader too.
+    assert_eq!(write_all(&mut p.a, f, b"4"), 1);
+    p.pump();
+    assert!(p.b.take_sink_items().is_empty());
+    let mut got = Vec::new();
+    while let Poll::Ready(Ok(Some(chunk))) = p.b.poll_read(&mut cx(), || p.now, g, 100) {
+        got.push(chunk);
+    }
+    let expected: Vec<Bytes> = [&b"2"[..], b"3", b"4"].map(Bytes::copy_from_slice).into();
+    assert_eq!(got, expected);
+    // Caught up, the reader attaches a sink again; a message a deliverer
+    // still holds then goes to it, not behind it.
+    assert!(p.b.attach_sink(g).is_some());
+    assert_eq!(
+        p.b.return_to_reader(sink_id, Bytes::from_static(b"6")),
+        Err(Bytes::from_static(b"6"))
+    );
+}
+
+#[test]
 fn a_flow_not_yet_opened_on_the_wire_gets_no_sink() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     // Its id is provisional: the peer's messages will carry another.
-    assert!(p.a.attach_sink(f, p.now).is_none());
+    assert!(p.a.attach_sink(f).is_none());
     write_all(&mut p.a, f, b"now open");
     p.pump();
-    assert!(p.a.attach_sink(f, p.now).is_some());
+    assert!(p.a.attach_sink(f).is_some());
 }
 
 #[test]
@@ -585,7 +657,7 @@ fn a_sink_on_a_flow_the_peer_already_ended_reports_it() {
     p.a.close_write(f);
     p.pump();
     let g = accept(&mut p.b).unwrap();
-    let (_, waiting, ended) = p.b.attach_sink(g, p.now).unwrap();
+    let (_, waiting, ended) = p.b.attach_sink(g).unwrap();
     assert_eq!(waiting, vec![Bytes::from_static(b"last")]);
     assert!(ended);
 }

@@ -8,7 +8,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use flow::Error;
 use flow::conn::handshake::requested_endpoint;
-use flow::conn::{Flow, FlowOptions, FlowReader, FlowWriter};
+use flow::conn::{Flow, FlowOptions, FlowReader, FlowWriter, MessageSender};
+use flow::transport::{Delivery, FrameSink};
+use parking_lot::Mutex;
 
 use super::metrics::Direction;
 use super::registry::FlowSlot;
@@ -153,7 +155,7 @@ enum End {
 /// fails, or a per-flow limit cuts the tunnel. Dropping the halves on the
 /// way out closes both flows.
 async fn relay(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     client: Flow,
     server: Flow,
     started: Instant,
@@ -161,26 +163,30 @@ async fn relay(
 ) -> std::result::Result<(), End> {
     let (client_r, client_w) = client.into_split();
     let (server_r, server_w) = server.into_split();
-    let total = AtomicU64::new(already);
+    let total = Arc::new(AtomicU64::new(already));
     let max = inner.limits.max_bytes_per_flow;
-    let up = pump(
+    let sender = |w: &FlowWriter| w.sender().map_err(End::Failed);
+    let up = Forward::new(
         inner,
-        client_r,
-        server_w,
+        sender(&server_w)?,
         Direction::ToServer,
         &total,
         max,
         None,
     );
-    let down = pump(
+    let down = Forward::new(
         inner,
-        server_r,
-        client_w,
+        sender(&client_w)?,
         Direction::ToClient,
         &total,
         max,
         Some(started),
     );
+    // However the relay ends, the sinks stop forwarding: each holds the
+    // other flow, and neither may keep it open.
+    let _stop = (Stop(up.clone()), Stop(down.clone()));
+    let up = pump(client_r, server_w, up);
+    let down = pump(server_r, client_w, down);
     tokio::pin!(up, down);
     let deadline = inner
         .limits
@@ -210,33 +216,119 @@ async fn relay(
     Ok(())
 }
 
+/// One direction of a tunnel. As the sink of the flow it reads, it
+/// forwards each message from the carrying connection's reading task
+/// straight into the other flow while that one has credit; a message it
+/// cannot forward now goes back to the flow, where [`pump`] writes it,
+/// waiting for credit, and then attaches the sink again.
+struct Forward {
+    inner: Arc<Inner>,
+    /// `None` once the relay ended.
+    to: Mutex<Option<MessageSender>>,
+    direction: Direction,
+    /// Bytes relayed both ways, against the per-flow limit.
+    total: Arc<AtomicU64>,
+    max: Option<u64>,
+    /// When the hello arrived, until the first reply is forwarded (that
+    /// ends the dial-through latency).
+    first_reply: Mutex<Option<Instant>>,
+}
+
+impl Forward {
+    fn new(
+        inner: &Arc<Inner>,
+        to: MessageSender,
+        direction: Direction,
+        total: &Arc<AtomicU64>,
+        max: Option<u64>,
+        first_reply: Option<Instant>,
+    ) -> Arc<Forward> {
+        Arc::new(Forward {
+            inner: inner.clone(),
+            to: Mutex::new(Some(to)),
+            direction,
+            total: total.clone(),
+            max,
+            first_reply: Mutex::new(first_reply),
+        })
+    }
+
+    /// Counts `n` bytes against the per-flow limit; false, counting
+    /// nothing, if they would pass it.
+    fn admit(&self, n: u64) -> bool {
+        let Some(max) = self.max else {
+            return true;
+        };
+        if self.total.fetch_add(n, Ordering::Relaxed) + n > max {
+            self.total.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// `n` bytes went on to the other flow.
+    fn forwarded(&self, n: u64) {
+        self.inner.counters.relayed(self.direction, n);
+        if let Some(at) = self.first_reply.lock().take() {
+            self.inner.counters.dial_through(at.elapsed());
+        }
+    }
+}
+
+impl FrameSink for Forward {
+    fn deliver(&self, msg: Bytes) -> Delivery {
+        let n = msg.len() as u64;
+        if !self.admit(n) {
+            // The pump meets the limit and cuts the tunnel.
+            return Delivery::Refused(msg);
+        }
+        let sent = self
+            .to
+            .lock()
+            .as_ref()
+            .is_some_and(|to| matches!(to.try_send(&msg), Ok(true)));
+        if !sent {
+            // No credit now (or the other flow failed: the pump finds out).
+            if self.max.is_some() {
+                self.total.fetch_sub(n, Ordering::Relaxed);
+            }
+            return Delivery::Refused(msg);
+        }
+        self.forwarded(n);
+        Delivery::Taken
+    }
+}
+
+/// Stops a [`Forward`] when dropped.
+struct Stop(Arc<Forward>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.to.lock().take();
+    }
+}
+
 /// Forwards messages from `from` to `to` until `from` ends; then
-/// half-closes `to`. `first_reply`, when given, is when the hello arrived:
-/// the first message forwarded ends the dial-through latency.
+/// half-closes `to`. Most go through `forward` as `from`'s sink; this
+/// writes those it refused, with backpressure.
 async fn pump(
-    inner: &Inner,
     mut from: FlowReader,
     mut to: FlowWriter,
-    direction: Direction,
-    total: &AtomicU64,
-    max: Option<u64>,
-    mut first_reply: Option<Instant>,
+    forward: Arc<Forward>,
 ) -> std::result::Result<(), End> {
     loop {
+        // Attached, the sink takes everything until it cannot; fails (and
+        // changes nothing) while attached already or the flow is not yet
+        // open on the wire.
+        from.attach_sink(forward.clone());
         match from.read_msg().await {
             Ok(Some(msg)) => {
                 let n = msg.len() as u64;
-                // Only a per-flow byte limit needs the running total.
-                if let Some(max) = max
-                    && total.fetch_add(n, Ordering::Relaxed) + n > max
-                {
+                if !forward.admit(n) {
                     return Err(End::Cut(Cutoff::MaxBytes));
                 }
                 to.write_msg(&[&msg]).await.map_err(End::Failed)?;
-                inner.counters.relayed(direction, n);
-                if let Some(at) = first_reply.take() {
-                    inner.counters.dial_through(at.elapsed());
-                }
+                forward.forwarded(n);
             }
             Ok(None) => {
                 to.close_write();
