@@ -3,7 +3,6 @@
 //! and a writer that asks it for frames, seals them and writes them in
 //! batches. No task per flow.
 
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::task::Poll;
@@ -18,7 +17,7 @@ use super::flow::Flow;
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::noise_dh::PreparedKey;
 use super::state::{
-    BuiltFrame, ConnState, ConnStats, FlowId, FlowOptions, SinkItem, ZERO_COPY_MIN,
+    BuiltFrame, ConnState, ConnStats, FlowId, FlowMap, FlowOptions, SinkItem, ZERO_COPY_MIN,
 };
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
@@ -41,7 +40,7 @@ pub(crate) struct Shared {
     watch: Arc<Watch>,
     /// Sinks of flows whose data the reading task pushes (keyed by the
     /// ids [`SinkItem`]s carry).
-    sinks: Mutex<HashMap<FlowId, Arc<SinkEntry>>>,
+    sinks: Mutex<FlowMap<Arc<SinkEntry>>>,
     /// What turns the state machine's frames into bytes on the transport;
     /// taken by whoever is sending (the writer task, or an application task
     /// when the transport can take frames without waiting).
@@ -243,7 +242,7 @@ impl Conn {
         let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
             state: Mutex::new(state),
             watch: Watch::new(me.clone()),
-            sinks: Mutex::new(HashMap::new()),
+            sinks: Mutex::new(FlowMap::default()),
             transmitter: Mutex::new(Some(Box::new(Transmitter::new(writer, done.sealer)))),
             sends_inline,
             id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),

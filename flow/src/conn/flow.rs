@@ -5,6 +5,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -26,6 +27,20 @@ struct FlowInner {
     conn: Conn,
     id: FlowId,
     deadline: Mutex<Option<Instant>>,
+    /// Whether `deadline` is set, read without its lock on every read and
+    /// write (most flows never have one).
+    has_deadline: AtomicBool,
+}
+
+impl FlowInner {
+    /// The flow's deadline, if any.
+    fn deadline(&self) -> Option<Instant> {
+        if self.has_deadline.load(Ordering::Acquire) {
+            *self.deadline.lock()
+        } else {
+            None
+        }
+    }
 }
 
 impl Drop for FlowInner {
@@ -45,7 +60,7 @@ impl DeadlineTimer {
     /// `Err(Timeout)` once the deadline has passed; otherwise arms a timer
     /// that wakes `cx` when it does.
     fn check(&mut self, inner: &FlowInner, cx: &mut Context<'_>) -> Result<()> {
-        let Some(deadline) = *inner.deadline.lock() else {
+        let Some(deadline) = inner.deadline() else {
             self.armed_for = None;
             self.sleep = None;
             return Ok(());
@@ -116,6 +131,7 @@ impl Flow {
             conn,
             id,
             deadline: Mutex::new(None),
+            has_deadline: AtomicBool::new(false),
         });
         Flow {
             reader: FlowReader {
@@ -458,7 +474,7 @@ fn check_whole(inner: &FlowInner) -> Result<()> {
 /// take it now (see [`FlowWriter::try_write_msg`]). A deadline that passed
 /// fails it; none is waited for.
 fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
-    if inner.deadline.lock().is_some_and(|at| Instant::now() >= at) {
+    if inner.deadline().is_some_and(|at| Instant::now() >= at) {
         return Err(Error::timeout("flow deadline passed"));
     }
     let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -470,7 +486,13 @@ fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
 }
 
 fn set_deadline(inner: &FlowInner, deadline: Option<Instant>) {
-    *inner.deadline.lock() = deadline;
+    {
+        let mut slot = inner.deadline.lock();
+        *slot = deadline;
+        inner
+            .has_deadline
+            .store(deadline.is_some(), Ordering::Release);
+    }
     // Wake both halves so they re-arm their timers.
     inner.conn.shared.state.lock().wake_flow(inner.id);
 }

@@ -34,7 +34,7 @@ pub type FlowId = u64;
 /// A table keyed by flow id. Ids come from the peer, so the hash is keyed
 /// per table (foldhash's random state), not a fixed function a peer could
 /// aim collisions at; it is several times cheaper than SipHash.
-type FlowMap<V> = HashMap<FlowId, V, foldhash::fast::RandomState>;
+pub(crate) type FlowMap<V> = HashMap<FlowId, V, foldhash::fast::RandomState>;
 
 /// Which side of the handshake this end was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
