@@ -875,6 +875,27 @@ impl Transmitter {
         }
     }
 
+    /// Builds the frame of [`ConnState::build_message_frame`]; false if
+    /// that way does not apply.
+    fn build_message(&mut self, state: &mut ConnState, id: FlowId, msg: &[u8]) -> bool {
+        let arena = &mut self.arena;
+        arena.reserve(64 * 1024);
+        arena.put_bytes(0, FRAME_OVERHEAD);
+        let mut body = arena.split_off(FRAME_OVERHEAD);
+        let built = state.build_message_frame(id, msg, Instant::now(), &mut body);
+        arena.unsplit(body);
+        match built {
+            Some(encrypted_len) => {
+                self.built.push((arena.split(), encrypted_len));
+                true
+            }
+            None => {
+                arena.clear();
+                false
+            }
+        }
+    }
+
     /// Seals the frames built, in order, after those already sealed.
     fn seal(&mut self) -> Result<()> {
         for (mut frame, encrypted_len) in self.built.drain(..) {
@@ -955,26 +976,67 @@ impl Shared {
     /// gives the transmitter back and wakes the writer task if anything is
     /// left for it.
     pub(crate) fn send_held(&self, held: HeldTransmitter) {
-        let HeldTransmitter { mut tx } = held;
-        {
-            let mut state = self.state.lock();
+        self.transmit(held.tx, |tx, state| {
             state.hold_writer_wakes(false);
-            tx.build(&mut state, Instant::now());
-        }
-        let result = tx.seal().and_then(|()| {
-            let taken = tx.writer.try_write_frames(&tx.sealed)?;
-            tx.recycle_written(self, taken);
-            Ok(())
+            tx.build(state, Instant::now());
+            true
         });
+    }
+
+    /// Sends `msg` as flow `id`'s next whole message at once, from this
+    /// task, when the connection has nothing else to send and the flow
+    /// has the credit (see [`ConnState::build_message_frame`]): one lock
+    /// of the state instead of one to reserve, one to queue and one to
+    /// build. False, with nothing done, when that does not apply.
+    pub(crate) fn send_message_now(&self, id: FlowId, msg: &[u8]) -> bool {
+        // Big messages go out from their own buffers the usual way.
+        if !self.sends_inline || msg.is_empty() || msg.len() >= ZERO_COPY_MIN {
+            return false;
+        }
+        let tx = {
+            let mut slot = self.transmitter.lock();
+            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
+                return false;
+            }
+            match slot.take() {
+                Some(tx) => tx,
+                None => return false,
+            }
+        };
+        self.transmit(tx, |tx, state| tx.build_message(state, id, msg))
+    }
+
+    /// Builds frames into `tx` with `build` under the state's lock, seals
+    /// them and writes what the transport takes without waiting; then gives
+    /// the transmitter back and wakes the writer task if anything is left
+    /// for it. Returns what `build` did.
+    fn transmit(
+        &self,
+        mut tx: Box<Transmitter>,
+        build: impl FnOnce(&mut Transmitter, &mut ConnState) -> bool,
+    ) -> bool {
+        let built = build(&mut tx, &mut self.state.lock());
+        let result = if built {
+            tx.seal().and_then(|()| {
+                let taken = tx.writer.try_write_frames(&tx.sealed)?;
+                tx.recycle_written(self, taken);
+                Ok(())
+            })
+        } else {
+            Ok(())
+        };
         let unwritten = tx.has_unwritten();
         *self.transmitter.lock() = Some(tx);
         let mut state = self.state.lock();
         if let Err(e) = result {
             state.transport_failed(e.context(format!("writing to {}", self.remote_addr)));
         }
+        // Whatever was queued while the transmitter was out is sent by the
+        // writer task.
         if unwritten || state.wants_to_send() || state.is_finished() {
             state.wake_writer();
         }
+        built
     }
 }
 

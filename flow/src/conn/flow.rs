@@ -477,6 +477,9 @@ fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
     if inner.deadline().is_some_and(|at| Instant::now() >= at) {
         return Err(Error::timeout("flow deadline passed"));
     }
+    if inner.conn.shared.send_message_now(inner.id, msg) {
+        return Ok(true);
+    }
     let mut cx = Context::from_waker(std::task::Waker::noop());
     match poll_send(inner, &mut cx, &[msg]) {
         Poll::Ready(Ok(_)) => Ok(true),

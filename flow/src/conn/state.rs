@@ -1321,6 +1321,67 @@ impl ConnState {
         (id & PROVISIONAL == 0).then_some(id)
     }
 
+    /// The quick way for one small whole message through a connection with
+    /// nothing else to send: builds into `buf` a frame holding only `msg`
+    /// as flow `id`'s next message, paid from the flow's credit, and
+    /// returns its encrypted length. `None`, with nothing changed, unless
+    /// the connection is open with nothing queued to send (no control
+    /// message, release, scheduled flow or due round-trip probe), the flow
+    /// is open on the wire, keeps messages whole and has nothing queued,
+    /// and its credit covers `msg`; the message then takes the usual way.
+    pub fn build_message_frame(
+        &mut self,
+        id: FlowId,
+        msg: &[u8],
+        now: Instant,
+        buf: &mut BytesMut,
+    ) -> Option<usize> {
+        debug_assert!(buf.is_empty());
+        let len = msg.len();
+        let idle = self.lifecycle == Lifecycle::Open
+            && self.error.is_none()
+            && self.control.is_empty()
+            && !self.health_response_due
+            && self.release_queue.is_empty()
+            && self.orphan_releases.is_empty()
+            && self.ready.is_empty();
+        let probe_due = self.health_sent_at.is_none()
+            && now.saturating_duration_since(self.last_rtt_sample) >= RTT_PROBE_INTERVAL;
+        if !idle || probe_due || len == 0 || len >= ZERO_COPY_MIN {
+            return None;
+        }
+        let id = self.resolve(id);
+        let max_message = self.max_message() as u64;
+        let max_frame = self.max_frame;
+        let entry = self.flows.get_mut(&id)?;
+        let plain = entry.opened
+            && entry.whole_messages
+            && entry.send_state == SendState::Open
+            && !entry.discarding
+            && entry.send_queue.is_empty();
+        let flags = if entry.passthrough {
+            Flags::PASSTHROUGH
+        } else {
+            Flags::NONE
+        };
+        if !plain
+            || entry.credit.available(&self.pool, false, max_message) < len as u64
+            || Data::header_len(id, flags, len) + len > max_frame
+        {
+            return None;
+        }
+        entry
+            .credit
+            .take(len as u64, &mut self.pool, false, max_message);
+        Data::encode_header(id, flags, len, buf);
+        let clear_from = entry.passthrough.then_some(buf.len());
+        buf.put_slice(msg);
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += len as u64;
+        self.last_used = now;
+        self.finish_frame(buf, clear_from).map(|f| f.encrypted_len)
+    }
+
     fn finish_frame(&mut self, buf: &BytesMut, clear_from: Option<usize>) -> Option<BuiltFrame> {
         if buf.is_empty() {
             return None;

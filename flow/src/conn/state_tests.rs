@@ -537,6 +537,71 @@ fn a_sink_gets_waiting_then_new_messages_in_order_and_the_end_last() {
 }
 
 #[test]
+fn a_small_whole_message_through_an_idle_connection_is_framed_at_once() {
+    let window = 16 * 1024;
+    let mut p = Pair::with_config(ConnConfig {
+        initial_window: window,
+        min_window: window,
+        max_window: window,
+        contended_window: window,
+        ..ConnConfig::default()
+    });
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(f).unwrap();
+    let mut buf = BytesMut::new();
+    // Not yet open on the wire: the usual way (the OpenFlow) first.
+    assert!(
+        p.a.build_message_frame(f, b"early", p.now, &mut buf)
+            .is_none()
+    );
+    assert!(buf.is_empty());
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    assert_eq!(read_all(&mut p.b, g).0, b"open");
+    p.pump();
+    let sent_before = p.a.stats().bytes_sent;
+    let encrypted_len =
+        p.a.build_message_frame(f, b"hello", p.now, &mut buf)
+            .unwrap();
+    assert_eq!(encrypted_len, buf.len());
+    assert_eq!(p.a.stats().bytes_sent, sent_before + 5);
+    p.b.handle_frame(p.now, buf.split().freeze(), encrypted_len)
+        .unwrap();
+    assert_eq!(read_all(&mut p.b, g).0, b"hello");
+    // Something else waiting to go out: the usual way, in order behind it.
+    let other = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, other, b"queued");
+    assert!(
+        p.a.build_message_frame(f, b"later", p.now, &mut buf)
+            .is_none()
+    );
+    p.pump();
+    assert!(
+        p.a.build_message_frame(f, b"later", p.now, &mut buf)
+            .is_some()
+    );
+    buf.clear();
+    // More than the flow's credit: the usual way, which waits for it.
+    let msg = [1u8; 6000];
+    let mut fit = 0;
+    while p.a.build_message_frame(f, &msg, p.now, &mut buf).is_some() {
+        buf.clear();
+        fit += 1;
+        assert!(fit < 100, "credit never ran out");
+    }
+    assert!(buf.is_empty());
+    assert_eq!(fit, 16 * 1024 / 6000);
+    // A due round-trip probe goes out the usual way too.
+    let later = p.now + Duration::from_secs(2);
+    assert!(
+        p.a.build_message_frame(f, b"probe", later, &mut buf)
+            .is_none()
+    );
+}
+
+#[test]
 fn a_sink_keeps_the_sender_going_past_one_window() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
