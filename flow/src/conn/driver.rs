@@ -480,6 +480,37 @@ async fn read_loop(
     }
 }
 
+thread_local! {
+    /// While this thread hands on what one received frame carried, the time
+    /// that frame was handled (see [`work_time`]).
+    static FRAME_TIME: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The time to stamp state-machine work with: while this thread delivers
+/// what a received frame carried to sinks (which may handle or send frames
+/// of other connections in turn, microseconds later), the time that frame
+/// was handled; otherwise the clock's. Spares a clock read per hop on a
+/// proxy's relay and at each end of a proxied connection.
+fn work_time() -> Instant {
+    FRAME_TIME.get().unwrap_or_else(Instant::now)
+}
+
+/// Sets [`work_time`] for the delivery of one frame; restores the outer
+/// one when dropped.
+struct FrameTimeScope(Option<Instant>);
+
+impl FrameTimeScope {
+    fn enter(now: Instant) -> FrameTimeScope {
+        FrameTimeScope(FRAME_TIME.replace(Some(now)))
+    }
+}
+
+impl Drop for FrameTimeScope {
+    fn drop(&mut self) {
+        FRAME_TIME.set(self.0);
+    }
+}
+
 /// A flow's sink, with the lock that keeps its deliveries in order.
 struct SinkEntry {
     sink: Arc<dyn FrameSink>,
@@ -506,7 +537,7 @@ impl SinkCredit {
 
     fn flush(&mut self, shared: &Shared) {
         if let Some((id, n)) = self.0.take() {
-            shared.state.lock().sink_took(id, n, Instant::now);
+            shared.state.lock().sink_took(id, n, work_time);
         }
     }
 }
@@ -515,9 +546,10 @@ impl Shared {
     /// Feeds an opened frame to the state machine and hands what it has
     /// for flows' sinks to them; false once the connection is closed.
     fn handle_frame(&self, plain: Bytes, encrypted_len: usize) -> bool {
+        let now = work_time();
         let (open, items) = {
             let mut state = self.state.lock();
-            let handled = state.handle_frame(Instant::now(), plain, encrypted_len);
+            let handled = state.handle_frame(now, plain, encrypted_len);
             (
                 handled.is_ok() && !state.is_closed(),
                 state.take_sink_items(),
@@ -526,6 +558,7 @@ impl Shared {
         // Even when this frame closed the connection: what came before the
         // close was received like any data.
         if !items.is_empty() {
+            let _now = FrameTimeScope::enter(now);
             self.deliver_to_sinks(items);
         }
         open
@@ -882,7 +915,7 @@ impl Transmitter {
         arena.reserve(64 * 1024);
         arena.put_bytes(0, FRAME_OVERHEAD);
         let mut body = arena.split_off(FRAME_OVERHEAD);
-        let built = state.build_message_frame(id, msg, Instant::now(), &mut body);
+        let built = state.build_message_frame(id, msg, work_time(), &mut body);
         arena.unsplit(body);
         match built {
             Some(encrypted_len) => {

@@ -2,7 +2,7 @@
 //! message by message to the server (or next proxy) it asks for.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -232,6 +232,9 @@ struct Forward {
     /// When the hello arrived, until the first reply is forwarded (that
     /// ends the dial-through latency).
     first_reply: Mutex<Option<Instant>>,
+    /// Whether `first_reply` is still to be taken (read without its lock
+    /// on every later message).
+    awaiting_reply: AtomicBool,
 }
 
 impl Forward {
@@ -249,6 +252,7 @@ impl Forward {
             direction,
             total: total.clone(),
             max,
+            awaiting_reply: AtomicBool::new(first_reply.is_some()),
             first_reply: Mutex::new(first_reply),
         })
     }
@@ -269,7 +273,10 @@ impl Forward {
     /// `n` bytes went on to the other flow.
     fn forwarded(&self, n: u64) {
         self.inner.counters.relayed(self.direction, n);
-        if let Some(at) = self.first_reply.lock().take() {
+        if self.awaiting_reply.load(Ordering::Relaxed)
+            && let Some(at) = self.first_reply.lock().take()
+        {
+            self.awaiting_reply.store(false, Ordering::Relaxed);
             self.inner.counters.dial_through(at.elapsed());
         }
     }
