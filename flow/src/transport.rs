@@ -30,8 +30,7 @@ pub trait FrameReader: Send + 'static {
     /// task that receives it, sparing a hand-off to a task reading this
     /// reader. Returns whether it will; if so, [`FrameReader::read_frame`]
     /// from then on returns only the end of the stream (after the last
-    /// frame was delivered) or an error, so `sink` must take every frame.
-    /// By default a transport does not.
+    /// frame was delivered) or an error. By default a transport does not.
     fn attach_sink(&mut self, sink: std::sync::Arc<dyn FrameSink>) -> bool {
         let _ = sink;
         false
@@ -39,21 +38,10 @@ pub trait FrameReader: Send + 'static {
 }
 
 /// Takes frames pushed to it by the task that receives them (see
-/// [`FrameReader::attach_sink`] and [`crate::conn::FlowReader::attach_sink`]).
+/// [`FrameReader::attach_sink`]). It takes every frame.
 pub trait FrameSink: Send + Sync + 'static {
-    /// The next frame, whole and in order. A sink that cannot take it now
-    /// hands it back: it and everything after it then wait for the reader
-    /// the sink was attached to, and the sink is detached.
-    fn deliver(&self, frame: Bytes) -> Delivery;
-}
-
-/// What a [`FrameSink`] did with a frame.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// The sink took the frame.
-    Taken,
-    /// The sink could not take the frame now; here it is back, unchanged.
-    Refused(Bytes),
+    /// The next frame, whole and in order.
+    fn deliver(&self, frame: Bytes);
 }
 
 /// Writes whole frames to a transport.

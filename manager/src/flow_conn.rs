@@ -76,7 +76,7 @@ impl FrameReader for FlowFrameReader {
     /// The carrying connection's reading task hands each message (one
     /// frame of the carried connection) straight to `sink`.
     fn attach_sink(&mut self, sink: Arc<dyn FrameSink>) -> bool {
-        self.0.attach_sink(sink)
+        self.0.attach_frame_sink(sink)
     }
 }
 

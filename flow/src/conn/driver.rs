@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use super::cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer};
 use super::clock::{self, Deadline, Watch};
 use super::flow::Flow;
+use super::flow::{Delivery, MessageSink};
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::noise_dh::PreparedKey;
 use super::state::{
@@ -22,7 +23,7 @@ use super::state::{
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
-use crate::transport::{Delivery, FrameReader, FrameSink, FrameWriter, FramedConn};
+use crate::transport::{FrameReader, FrameSink, FrameWriter, FramedConn};
 use crate::{Error, ErrorKind, Result};
 
 /// Most frames one batch (one vectored write) carries.
@@ -511,9 +512,34 @@ impl Drop for FrameTimeScope {
     }
 }
 
+/// A flow's sink: one that takes every message (its credit goes back as
+/// it arrives), or one that may refuse (credit goes back when it takes).
+pub(crate) enum SinkKind {
+    /// See [`super::FlowReader::attach_frame_sink`].
+    Frames(Arc<dyn FrameSink>),
+    /// See [`super::FlowReader::attach_sink`].
+    Messages(Arc<dyn MessageSink>),
+}
+
+impl SinkKind {
+    fn takes_everything(&self) -> bool {
+        matches!(self, SinkKind::Frames(_))
+    }
+
+    fn offer(&self, msg: Bytes) -> Delivery {
+        match self {
+            SinkKind::Frames(sink) => {
+                sink.deliver(msg);
+                Delivery::Taken
+            }
+            SinkKind::Messages(sink) => sink.offer(msg),
+        }
+    }
+}
+
 /// A flow's sink, with the lock that keeps its deliveries in order.
 struct SinkEntry {
-    sink: Arc<dyn FrameSink>,
+    sink: SinkKind,
     /// Held while delivering; true once the sink refused a message (it is
     /// then out of the table, and what was meant for it goes elsewhere).
     refused: Mutex<bool>,
@@ -583,7 +609,7 @@ impl Shared {
             match item {
                 SinkItem::Data(id, data) => {
                     let n = data.len() as u64;
-                    if self.deliver_data(id, data) {
+                    if self.deliver_data(id, data) == Some(true) {
                         credit.add(self, id, n);
                     }
                 }
@@ -614,22 +640,22 @@ impl Shared {
         }
     }
 
-    /// Offers `data` to flow `id`'s sink; true if it took it. What it
-    /// refuses, and data whose sink refused earlier, goes back to the
-    /// flow's reader.
-    fn deliver_data(&self, id: FlowId, data: Bytes) -> bool {
+    /// Offers `data` to flow `id`'s sink: `Some(true)` if it took it and
+    /// its credit is still to be returned, `Some(false)` if it took it and
+    /// the credit went back on arrival, `None` if the reader gets it. What
+    /// the sink refuses, and data whose sink refused earlier, goes back to
+    /// the flow's reader.
+    fn deliver_data(&self, id: FlowId, data: Bytes) -> Option<bool> {
         // Moved into the sink only once one is found.
         let mut data = Some(data);
         loop {
             let offered = self.with_sink(id, |entry, refused| {
-                let Some(msg) = data.take() else {
-                    return false;
-                };
-                match entry.sink.deliver(msg) {
-                    Delivery::Taken => true,
+                let msg = data.take()?;
+                match entry.sink.offer(msg) {
+                    Delivery::Taken => Some(!entry.sink.takes_everything()),
                     Delivery::Refused(back) => {
                         self.detach_refusing(id, entry, refused, [back]);
-                        false
+                        None
                     }
                 }
             });
@@ -639,13 +665,10 @@ impl Shared {
             // Detached (or never had one): the reader gets it, after what
             // its sink refused — unless a sink was attached again
             // meanwhile; then that one is offered it.
-            let Some(msg) = data.take() else {
-                return false;
-            };
-            if let Err(back) = self.state.lock().return_to_reader(id, msg) {
-                data = Some(back);
-            } else {
-                return false;
+            let msg = data.take()?;
+            match self.state.lock().return_to_reader(id, msg) {
+                Ok(()) => return None,
+                Err(back) => data = Some(back),
             }
         }
     }
@@ -680,7 +703,8 @@ impl Shared {
     }
 
     /// See [`super::FlowReader::attach_sink`].
-    pub(crate) fn attach_sink(&self, id: FlowId, sink: Arc<dyn FrameSink>) -> bool {
+    pub(crate) fn attach_sink(&self, id: FlowId, sink: SinkKind) -> bool {
+        let credit_on_arrival = sink.takes_everything();
         let entry = Arc::new(SinkEntry {
             sink,
             refused: Mutex::new(false),
@@ -690,17 +714,22 @@ impl Shared {
         let mut refused = entry.refused.lock();
         let (id, waiting, ended) = {
             let mut state = self.state.lock();
-            let Some(attached) = state.attach_sink(id) else {
+            let Some(attached) = state.attach_sink(id, credit_on_arrival, Instant::now) else {
                 return false;
             };
             self.sinks.lock().insert(attached.0, entry.clone());
             attached
         };
+        // Credit for what the sink takes (unless it went back on arrival).
         let mut taken = 0;
         let mut waiting = waiting.into_iter();
         while let Some(data) = waiting.next() {
-            let n = data.len() as u64;
-            match entry.sink.deliver(data) {
+            let n = if credit_on_arrival {
+                0
+            } else {
+                data.len() as u64
+            };
+            match entry.sink.offer(data) {
                 Delivery::Taken => taken += n,
                 Delivery::Refused(back) => {
                     self.detach_refusing(
@@ -732,7 +761,7 @@ struct PushedFrames {
 }
 
 impl FrameSink for PushedFrames {
-    fn deliver(&self, frame: Bytes) -> Delivery {
+    fn deliver(&self, frame: Bytes) {
         let frame = frame
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
@@ -744,10 +773,9 @@ impl FrameSink for PushedFrames {
                 self.shared.handle_frame(plain, encrypted_len);
             }
             Some(Err(e)) => self.shared.reading_failed(e),
+            // What this connection cannot use any more it drops.
             None => {}
         }
-        // Taken either way: what this connection cannot use it drops.
-        Delivery::Taken
     }
 }
 

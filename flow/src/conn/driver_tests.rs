@@ -473,9 +473,8 @@ async fn over_a_transport_that_never_waits_the_writing_task_sends_its_frames() {
 struct Recorder(parking_lot::Mutex<Vec<bytes::Bytes>>);
 
 impl crate::transport::FrameSink for Recorder {
-    fn deliver(&self, frame: bytes::Bytes) -> crate::transport::Delivery {
+    fn deliver(&self, frame: bytes::Bytes) {
         self.0.lock().push(frame);
-        crate::transport::Delivery::Taken
     }
 }
 
@@ -485,18 +484,18 @@ struct Gate {
     room: std::sync::atomic::AtomicUsize,
 }
 
-impl crate::transport::FrameSink for Gate {
-    fn deliver(&self, frame: bytes::Bytes) -> crate::transport::Delivery {
+impl super::MessageSink for Gate {
+    fn offer(&self, frame: bytes::Bytes) -> super::Delivery {
         use std::sync::atomic::Ordering;
         if self
             .room
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_err()
         {
-            return crate::transport::Delivery::Refused(frame);
+            return super::Delivery::Refused(frame);
         }
         self.taken.lock().push(frame);
-        crate::transport::Delivery::Taken
+        super::Delivery::Taken
     }
 }
 
@@ -580,7 +579,7 @@ async fn a_flow_sink_gets_every_message_in_order_and_the_reader_the_end_after() 
     // Let the first messages arrive and wait in the flow.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let sink = Arc::new(Recorder::default());
-    assert!(reader.attach_sink(sink.clone()));
+    assert!(reader.attach_frame_sink(sink.clone()));
     for i in 3..200u8 {
         within(flow.write_msg(&[&[i; 10]])).await.unwrap();
     }

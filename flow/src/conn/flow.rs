@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use super::chunk::Chunk;
-use super::driver::Conn;
+use super::driver::{Conn, SinkKind};
 use super::state::{ConnState, FlowId};
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
@@ -306,7 +306,7 @@ impl FlowReader {
         &self.inner.conn
     }
 
-    /// From now on, the connection's reading task hands each message of
+    /// From now on, the connection's reading task offers each message of
     /// this flow to `sink` as it arrives (messages already waiting first),
     /// instead of keeping it for this reader; a message's credit goes back
     /// to the peer when the sink takes it. This reader then returns only
@@ -316,13 +316,44 @@ impl FlowReader {
     /// sink can be attached again later. Returns false (and changes
     /// nothing) if the flow was closed, is not yet open on the wire, or
     /// has a sink already.
-    pub fn attach_sink(&self, sink: Arc<dyn FrameSink>) -> bool {
-        self.inner.conn.shared.attach_sink(self.inner.id, sink)
+    pub fn attach_sink(&self, sink: Arc<dyn MessageSink>) -> bool {
+        self.inner
+            .conn
+            .shared
+            .attach_sink(self.inner.id, SinkKind::Messages(sink))
+    }
+
+    /// As [`FlowReader::attach_sink`], for a sink that takes every
+    /// message (a transport's, see
+    /// [`crate::transport::FrameReader::attach_sink`]): each message's
+    /// credit goes back as it arrives, so `sink` must bound what it keeps.
+    pub fn attach_frame_sink(&self, sink: Arc<dyn FrameSink>) -> bool {
+        self.inner
+            .conn
+            .shared
+            .attach_sink(self.inner.id, SinkKind::Frames(sink))
     }
 }
 
+/// Takes a flow's messages as its connection's reading task receives them,
+/// or refuses one it cannot take now (see [`FlowReader::attach_sink`]).
+pub trait MessageSink: Send + Sync + 'static {
+    /// The flow's next message, whole and in order.
+    fn offer(&self, msg: Bytes) -> Delivery;
+}
+
+/// What a [`MessageSink`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The sink took the message.
+    Taken,
+    /// The sink could not take the message now; here it is back,
+    /// unchanged. It and everything after it wait for the flow's reader.
+    Refused(Bytes),
+}
+
 /// Writes whole messages to a flow from code that cannot wait, such as a
-/// [`FrameSink`] forwarding one flow's messages to another (see
+/// [`MessageSink`] forwarding one flow's messages to another (see
 /// [`FlowWriter::sender`]). Keeps the flow open like a handle.
 #[derive(Clone)]
 pub struct MessageSender {

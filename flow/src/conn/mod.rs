@@ -27,7 +27,7 @@ pub mod state;
 pub use cipher::{FRAME_OVERHEAD, FrameOpener, FrameSealer, Suite};
 pub use config::ConnConfig;
 pub use driver::Conn;
-pub use flow::{Flow, FlowReader, FlowWriter, MessageSender};
+pub use flow::{Delivery, Flow, FlowReader, FlowWriter, MessageSender, MessageSink};
 pub use handshake::{HandshakeDone, HandshakeParams};
 pub use resumption::TicketStore;
 pub use state::{

@@ -219,8 +219,9 @@ enum SinkState {
     /// Data waits in the flow for its reader.
     None,
     /// Data goes to the sink; the reader sees only errors until the end
-    /// of the flow has been delivered after the last data.
-    Attached,
+    /// of the flow has been delivered after the last data. Its credit goes
+    /// back as it arrives, or when the sink takes it.
+    Attached { credit_on_arrival: bool },
     /// The end of the flow reached the sink: the reader sees it too.
     Ended,
 }
@@ -1113,7 +1114,11 @@ impl ConnState {
             self.last_used = now;
             note_receiver(&mut self.recent_receivers, id, now);
         }
-        let sink = entry.sink == SinkState::Attached;
+        let sink = matches!(entry.sink, SinkState::Attached { .. });
+        let credit_on_arrival = entry.sink
+            == SinkState::Attached {
+                credit_on_arrival: true,
+            };
         if entry.discarding {
             let release = entry.window.discard();
             if release > 0 {
@@ -1121,9 +1126,12 @@ impl ConnState {
             }
         } else if sink {
             if n > 0 {
-                // Its credit goes back once the sink takes it
+                // Its credit goes back now, or once the sink takes it
                 // (`sink_took`).
                 self.sink_items.push(SinkItem::Data(id, payload));
+                if credit_on_arrival {
+                    self.consumed(id, n, || now);
+                }
             }
         } else if n > 0 {
             entry.recv_queue.push_back(detach(payload, frame_len));
@@ -1692,7 +1700,7 @@ impl ConnState {
             }
             return Poll::Ready(Ok(Some(chunk)));
         }
-        if entry.sink == SinkState::Attached {
+        if matches!(entry.sink, SinkState::Attached { .. }) {
             // Everything goes to the sink; only an error or the delivered
             // end of the flow ends this read.
             if let Some(err) = error {
@@ -1752,7 +1760,15 @@ impl ConnState {
     /// (then call `sink_ended` after delivering that). `None` if the flow
     /// is gone, not yet opened on the wire, already has a sink, or its
     /// reader gave up.
-    pub fn attach_sink(&mut self, id: FlowId) -> Option<(FlowId, Vec<Bytes>, bool)> {
+    /// With `credit_on_arrival`, for a sink that takes every message, each
+    /// message's credit goes back as it arrives (and that of what was
+    /// waiting, at `now`) instead.
+    pub fn attach_sink(
+        &mut self,
+        id: FlowId,
+        credit_on_arrival: bool,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<(FlowId, Vec<Bytes>, bool)> {
         let id = self.resolve(id);
         let entry = self.flows.get_mut(&id)?;
         // A flow not yet opened on the wire has no id the peer's messages
@@ -1760,9 +1776,13 @@ impl ConnState {
         if !entry.opened || entry.discarding || entry.sink != SinkState::None {
             return None;
         }
-        entry.sink = SinkState::Attached;
+        entry.sink = SinkState::Attached { credit_on_arrival };
         let waiting: Vec<Bytes> = entry.recv_queue.drain(..).collect();
         let ended = entry.recv_state == RecvState::PeerClosed;
+        let n = waiting.iter().map(|b| b.len() as u64).sum();
+        if credit_on_arrival && n > 0 && self.error.is_none() {
+            self.consumed(id, n, now);
+        }
         Some((id, waiting, ended))
     }
 
@@ -1791,7 +1811,7 @@ impl ConnState {
     /// back if a sink is attached again: deliver it to that one instead.
     pub fn return_to_reader(&mut self, id: FlowId, msg: Bytes) -> std::result::Result<(), Bytes> {
         match self.flows.get_mut(&id) {
-            Some(entry) if entry.sink == SinkState::Attached => Err(msg),
+            Some(entry) if matches!(entry.sink, SinkState::Attached { .. }) => Err(msg),
             Some(entry) => {
                 entry.requeue([msg]);
                 Ok(())

@@ -508,13 +508,16 @@ fn a_sink_gets_waiting_then_new_messages_in_order_and_the_end_last() {
     p.pump();
     // "one" and "two" wait in the flow: they come back to be delivered
     // first.
-    let (sink_id, waiting, ended) = p.b.attach_sink(g).unwrap();
+    let (sink_id, waiting, ended) = p.b.attach_sink(g, false, || p.now).unwrap();
     assert_eq!(
         waiting,
         vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")]
     );
     assert!(!ended);
-    assert!(p.b.attach_sink(g).is_none(), "attached twice");
+    assert!(
+        p.b.attach_sink(g, false, || p.now).is_none(),
+        "attached twice"
+    );
     // Later messages go to the sink, not to the reader.
     write_all(&mut p.a, f, b"three");
     p.a.close_write(f);
@@ -608,7 +611,7 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
     write_all(&mut p.a, f, b"x");
     p.pump();
     let g = accept(&mut p.b).unwrap();
-    p.b.attach_sink(g).unwrap();
+    p.b.attach_sink(g, false, || p.now).unwrap();
     p.pump();
     // Credit returns as the sink takes messages: far more than a window
     // goes through while nothing reads the flow.
@@ -631,13 +634,38 @@ fn a_sink_keeps_the_sender_going_past_one_window() {
 }
 
 #[test]
+fn a_sink_taking_everything_gets_credit_back_as_messages_arrive() {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"x");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.b.attach_sink(g, true, || p.now).unwrap();
+    p.pump();
+    // Nothing reports what the sink took: credit went back on arrival.
+    let chunk = vec![7u8; 16 * 1024];
+    let (mut written, mut delivered) = (1, 0);
+    for _ in 0..2000 {
+        written += write_all(&mut p.a, f, &chunk);
+        p.pump();
+        for item in p.b.take_sink_items() {
+            if let SinkItem::Data(_, data) = item {
+                delivered += data.len();
+            }
+        }
+    }
+    assert_eq!(delivered + 1, written);
+    assert!(written > 16 * 1024 * 1024, "{written}");
+}
+
+#[test]
 fn a_sink_that_takes_nothing_stops_the_sender_after_one_window() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     write_all(&mut p.a, f, b"x");
     p.pump();
     let g = accept(&mut p.b).unwrap();
-    p.b.attach_sink(g).unwrap();
+    p.b.attach_sink(g, false, || p.now).unwrap();
     p.pump();
     // Messages handed to the sink but not (yet) taken hold their credit.
     let chunk = vec![7u8; 16 * 1024];
@@ -668,7 +696,7 @@ fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
     let g = accept(&mut p.b).unwrap();
     p.pump();
     assert_eq!(read_all(&mut p.b, g).0, b"0");
-    let (sink_id, _, _) = p.b.attach_sink(g).unwrap();
+    let (sink_id, _, _) = p.b.attach_sink(g, false, || p.now).unwrap();
     for msg in [&b"1"[..], b"2", b"3"] {
         assert_eq!(write_all(&mut p.a, f, msg), 1);
     }
@@ -696,7 +724,7 @@ fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
     assert_eq!(got, expected);
     // Caught up, the reader attaches a sink again; a message a deliverer
     // still holds then goes to it, not behind it.
-    assert!(p.b.attach_sink(g).is_some());
+    assert!(p.b.attach_sink(g, false, || p.now).is_some());
     assert_eq!(
         p.b.return_to_reader(sink_id, Bytes::from_static(b"6")),
         Err(Bytes::from_static(b"6"))
@@ -708,10 +736,10 @@ fn a_flow_not_yet_opened_on_the_wire_gets_no_sink() {
     let mut p = Pair::new();
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     // Its id is provisional: the peer's messages will carry another.
-    assert!(p.a.attach_sink(f).is_none());
+    assert!(p.a.attach_sink(f, false, || p.now).is_none());
     write_all(&mut p.a, f, b"now open");
     p.pump();
-    assert!(p.a.attach_sink(f).is_some());
+    assert!(p.a.attach_sink(f, false, || p.now).is_some());
 }
 
 #[test]
@@ -722,7 +750,7 @@ fn a_sink_on_a_flow_the_peer_already_ended_reports_it() {
     p.a.close_write(f);
     p.pump();
     let g = accept(&mut p.b).unwrap();
-    let (_, waiting, ended) = p.b.attach_sink(g).unwrap();
+    let (_, waiting, ended) = p.b.attach_sink(g, false, || p.now).unwrap();
     assert_eq!(waiting, vec![Bytes::from_static(b"last")]);
     assert!(ended);
 }

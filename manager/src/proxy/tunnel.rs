@@ -8,8 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use flow::Error;
 use flow::conn::handshake::requested_endpoint;
-use flow::conn::{Flow, FlowOptions, FlowReader, FlowWriter, MessageSender};
-use flow::transport::{Delivery, FrameSink};
+use flow::conn::{Delivery, Flow, FlowOptions, FlowReader, FlowWriter, MessageSender, MessageSink};
 use parking_lot::Mutex;
 
 use super::metrics::Direction;
@@ -282,8 +281,8 @@ impl Forward {
     }
 }
 
-impl FrameSink for Forward {
-    fn deliver(&self, msg: Bytes) -> Delivery {
+impl MessageSink for Forward {
+    fn offer(&self, msg: Bytes) -> Delivery {
         let n = msg.len() as u64;
         if !self.admit(n) {
             // The pump meets the limit and cuts the tunnel.
