@@ -607,9 +607,9 @@ impl Shared {
         let mut credit = SinkCredit::default();
         for item in items {
             match item {
-                SinkItem::Data(id, data) => {
+                SinkItem::Data(id, data, credited) => {
                     let n = data.len() as u64;
-                    if self.deliver_data(id, data) == Some(true) {
+                    if self.deliver_data(id, data) && !credited {
                         credit.add(self, id, n);
                     }
                 }
@@ -640,22 +640,22 @@ impl Shared {
         }
     }
 
-    /// Offers `data` to flow `id`'s sink: `Some(true)` if it took it and
-    /// its credit is still to be returned, `Some(false)` if it took it and
-    /// the credit went back on arrival, `None` if the reader gets it. What
-    /// the sink refuses, and data whose sink refused earlier, goes back to
-    /// the flow's reader.
-    fn deliver_data(&self, id: FlowId, data: Bytes) -> Option<bool> {
+    /// Offers `data` to flow `id`'s sink; true if it took it. What it
+    /// refuses, and data whose sink refused earlier, goes back to the
+    /// flow's reader.
+    fn deliver_data(&self, id: FlowId, data: Bytes) -> bool {
         // Moved into the sink only once one is found.
         let mut data = Some(data);
         loop {
             let offered = self.with_sink(id, |entry, refused| {
-                let msg = data.take()?;
+                let Some(msg) = data.take() else {
+                    return false;
+                };
                 match entry.sink.offer(msg) {
-                    Delivery::Taken => Some(!entry.sink.takes_everything()),
+                    Delivery::Taken => true,
                     Delivery::Refused(back) => {
                         self.detach_refusing(id, entry, refused, [back]);
-                        None
+                        false
                     }
                 }
             });
@@ -665,9 +665,11 @@ impl Shared {
             // Detached (or never had one): the reader gets it, after what
             // its sink refused — unless a sink was attached again
             // meanwhile; then that one is offered it.
-            let msg = data.take()?;
+            let Some(msg) = data.take() else {
+                return false;
+            };
             match self.state.lock().return_to_reader(id, msg) {
-                Ok(()) => return None,
+                Ok(()) => return false,
                 Err(back) => data = Some(back),
             }
         }
@@ -683,23 +685,42 @@ impl Shared {
         msgs: impl IntoIterator<Item = Bytes>,
     ) {
         *refused = true;
-        {
-            let mut sinks = self.sinks.lock();
-            if sinks.get(&id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-                sinks.remove(&id);
-            }
-        }
+        // The state first: a deliverer that no longer finds the sink then
+        // finds the flow detached (it waits on `refused` until then if it
+        // found the sink).
         self.state.lock().sink_refused(id, msgs);
+        let mut sinks = self.sinks.lock();
+        if sinks.get(&id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            sinks.remove(&id);
+        }
     }
 
     /// The peer ended flow `id`: once everything before reached its sink,
     /// its reader may see the end. (A detached flow's reader sees it after
     /// the messages returned to it.)
     fn deliver_end(&self, id: FlowId) {
-        self.with_sink(id, |_, _| {
+        let delivered = self.with_sink(id, |_, _| {
             self.sinks.lock().remove(&id);
             self.state.lock().sink_ended(id);
         });
+        if delivered.is_none() {
+            self.state.lock().end_returned(id);
+        }
+    }
+
+    /// Every handle of flow `id` is gone: the state machine closes it, and
+    /// its sink, if any, is forgotten (what still comes for it is thrown
+    /// away with the flow's other data).
+    pub(crate) fn drop_flow(&self, id: FlowId) {
+        let key = {
+            let mut state = self.state.lock();
+            let key = state.wire_id(id);
+            state.drop_flow(id);
+            key
+        };
+        if let Some(key) = key {
+            self.sinks.lock().remove(&key);
+        }
     }
 
     /// See [`super::FlowReader::attach_sink`].

@@ -478,6 +478,22 @@ impl crate::transport::FrameSink for Recorder {
     }
 }
 
+#[tokio::test]
+async fn dropping_a_flow_forgets_its_sink() {
+    let (dialer, acceptor) = pair_sending_inline(64).await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"open"]).await.unwrap();
+    let accepted = within(acceptor.accept_flow()).await.unwrap();
+    let sink = Arc::new(Recorder::default());
+    let (reader, writer) = accepted.into_split();
+    assert!(reader.attach_frame_sink(sink.clone()));
+    assert_eq!(Arc::strong_count(&sink), 2);
+    // The peer never ends the flow; the handles go: the connection keeps
+    // nothing of the sink (which may hold other flows open).
+    drop((reader, writer));
+    assert_eq!(Arc::strong_count(&sink), 1);
+}
+
 /// Takes messages while it has room, refuses them after.
 struct Gate {
     taken: parking_lot::Mutex<Vec<bytes::Bytes>>,

@@ -45,7 +45,7 @@ impl FlowInner {
 
 impl Drop for FlowInner {
     fn drop(&mut self) {
-        self.conn.shared.state.lock().drop_flow(self.id);
+        self.conn.shared.drop_flow(self.id);
     }
 }
 

@@ -205,6 +205,10 @@ struct FlowEntry {
     passthrough: bool,
     /// Whether the reading task pushes this flow's data to a sink.
     sink: SinkState,
+    /// The end of the flow is in the hands of the task delivering to sinks
+    /// (a `SinkItem::End` not yet delivered): until it is, messages before
+    /// it may still come back to the reader, which must not see the end.
+    end_in_flight: bool,
     /// Credentials other than the connection's, if either side presents
     /// any (boxed: most flows use the connection's).
     keys: Option<Box<FlowKeys>>,
@@ -230,8 +234,10 @@ enum SinkState {
 /// (see [`ConnState::take_sink_items`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum SinkItem {
-    /// One message of the flow.
-    Data(FlowId, Bytes),
+    /// One message of the flow, and whether its credit already went back
+    /// (a sink that takes everything); if not, report it with
+    /// [`ConnState::sink_took`] once taken.
+    Data(FlowId, Bytes, bool),
     /// The peer ended the flow: after delivering everything before it,
     /// call [`ConnState::sink_ended`].
     End(FlowId),
@@ -285,6 +291,7 @@ impl FlowEntry {
             whole_messages: false,
             passthrough: false,
             sink: SinkState::None,
+            end_in_flight: false,
             keys: None,
             read_waker: None,
             write_waker: None,
@@ -1128,7 +1135,8 @@ impl ConnState {
             if n > 0 {
                 // Its credit goes back now, or once the sink takes it
                 // (`sink_took`).
-                self.sink_items.push(SinkItem::Data(id, payload));
+                self.sink_items
+                    .push(SinkItem::Data(id, payload, credit_on_arrival));
                 if credit_on_arrival {
                     self.consumed(id, n, || now);
                 }
@@ -1144,6 +1152,7 @@ impl ConnState {
             entry.wake_closed();
             if sink {
                 self.sink_items.push(SinkItem::End(id));
+                entry.end_in_flight = true;
             }
         }
         // A sink's reader waits for the end to be delivered, not for data.
@@ -1373,6 +1382,7 @@ impl ConnState {
             Flags::NONE
         };
         if !plain
+            || len as u64 > max_message
             || entry.credit.available(&self.pool, false, max_message) < len as u64
             || Data::header_len(id, flags, len) + len > max_frame
         {
@@ -1709,7 +1719,8 @@ impl ConnState {
             entry.read_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if entry.recv_state == RecvState::PeerClosed || entry.discarding {
+        let ended = entry.recv_state == RecvState::PeerClosed && !entry.end_in_flight;
+        if ended || entry.discarding {
             self.maybe_reap(id);
             return Poll::Ready(Ok(None));
         }
@@ -1778,7 +1789,8 @@ impl ConnState {
         }
         entry.sink = SinkState::Attached { credit_on_arrival };
         let waiting: Vec<Bytes> = entry.recv_queue.drain(..).collect();
-        let ended = entry.recv_state == RecvState::PeerClosed;
+        // An end still being delivered reaches this sink as an item.
+        let ended = entry.recv_state == RecvState::PeerClosed && !entry.end_in_flight;
         let n = waiting.iter().map(|b| b.len() as u64).sum();
         if credit_on_arrival && n > 0 && self.error.is_none() {
             self.consumed(id, n, now);
@@ -1830,6 +1842,20 @@ impl ConnState {
     pub fn sink_ended(&mut self, id: FlowId) {
         if let Some(entry) = self.flows.get_mut(&id) {
             entry.sink = SinkState::Ended;
+            entry.end_in_flight = false;
+            if let Some(w) = entry.read_waker.take() {
+                w.wake();
+            }
+            self.maybe_reap(id);
+        }
+    }
+
+    /// The end of flow `id`, taken for a sink that has since been detached,
+    /// was handled after every message before it: the reader, once it has
+    /// read those, sees the end.
+    pub fn end_returned(&mut self, id: FlowId) {
+        if let Some(entry) = self.flows.get_mut(&id) {
+            entry.end_in_flight = false;
             if let Some(w) = entry.read_waker.take() {
                 w.wake();
             }

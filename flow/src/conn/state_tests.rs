@@ -525,7 +525,7 @@ fn a_sink_gets_waiting_then_new_messages_in_order_and_the_end_last() {
     assert_eq!(
         p.b.take_sink_items(),
         vec![
-            SinkItem::Data(sink_id, Bytes::from_static(b"three")),
+            SinkItem::Data(sink_id, Bytes::from_static(b"three"), false),
             SinkItem::End(sink_id)
         ]
     );
@@ -632,7 +632,7 @@ fn stream_to_sink(credit: SinkCredit) -> (usize, usize) {
         written += write_all(&mut p.a, f, &chunk);
         p.pump();
         for item in p.b.take_sink_items() {
-            if let SinkItem::Data(id, data) = item {
+            if let SinkItem::Data(id, data, _) = item {
                 handed += data.len();
                 if credit == SinkCredit::Reported {
                     p.b.sink_took(id, data.len() as u64, || p.now);
@@ -684,7 +684,7 @@ fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
     // the deliverer's hands, after it.
     p.b.sink_took(sink_id, 1, || p.now);
     let mut items = items.into_iter().skip(1).map(|item| match item {
-        SinkItem::Data(_, data) => data,
+        SinkItem::Data(_, data, _) => data,
         SinkItem::End(_) => panic!("no end was sent"),
     });
     p.b.sink_refused(sink_id, items.next());
@@ -706,6 +706,78 @@ fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
         p.b.return_to_reader(sink_id, Bytes::from_static(b"6")),
         Err(Bytes::from_static(b"6"))
     );
+}
+
+/// A flow with a sink attached whose last two messages, "w" then "y" and
+/// the end, were just taken for delivery: (pair, flow at b, items).
+fn end_in_flight() -> (Pair, FlowId, Vec<SinkItem>) {
+    let mut p = Pair::new();
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(f).unwrap();
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    assert_eq!(read_all(&mut p.b, g).0, b"open");
+    p.b.attach_sink(g, false, || p.now).unwrap();
+    assert_eq!(write_all(&mut p.a, f, b"w"), 1);
+    assert_eq!(write_all(&mut p.a, f, b"y"), 1);
+    p.a.close_write(f);
+    p.pump();
+    let items = p.b.take_sink_items();
+    assert_eq!(items.len(), 3);
+    (p, g, items)
+}
+
+fn poll_once(p: &mut Pair, g: FlowId) -> Poll<Option<Bytes>> {
+    match p.b.poll_read(&mut cx(), || p.now, g, 100) {
+        Poll::Ready(Ok(chunk)) => Poll::Ready(chunk),
+        Poll::Ready(Err(e)) => panic!("read failed: {e}"),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+#[test]
+fn the_end_waits_for_messages_a_deliverer_still_holds() {
+    let (mut p, g, _) = end_in_flight();
+    // "w" is refused and comes back; "y" and the end are still in the
+    // deliverer's hands.
+    p.b.sink_refused(g, [Bytes::from_static(b"w")]);
+    assert_eq!(
+        poll_once(&mut p, g),
+        Poll::Ready(Some(Bytes::from_static(b"w")))
+    );
+    assert_eq!(poll_once(&mut p, g), Poll::Pending, "the end came before y");
+    assert_eq!(p.b.return_to_reader(g, Bytes::from_static(b"y")), Ok(()));
+    assert_eq!(
+        poll_once(&mut p, g),
+        Poll::Ready(Some(Bytes::from_static(b"y")))
+    );
+    assert_eq!(poll_once(&mut p, g), Poll::Pending);
+    p.b.end_returned(g);
+    assert_eq!(poll_once(&mut p, g), Poll::Ready(None));
+}
+
+#[test]
+fn a_sink_attached_again_gets_the_end_after_messages_still_held() {
+    let (mut p, g, _) = end_in_flight();
+    p.b.sink_refused(g, [Bytes::from_static(b"w")]);
+    assert_eq!(
+        poll_once(&mut p, g),
+        Poll::Ready(Some(Bytes::from_static(b"w")))
+    );
+    // Caught up, the reader attaches a sink again: the end is not reported
+    // to it yet, "y" goes to it, then the end.
+    let (_, waiting, ended) = p.b.attach_sink(g, false, || p.now).unwrap();
+    assert!(waiting.is_empty());
+    assert!(!ended, "the end was reported before y");
+    assert_eq!(
+        p.b.return_to_reader(g, Bytes::from_static(b"y")),
+        Err(Bytes::from_static(b"y"))
+    );
+    assert_eq!(poll_once(&mut p, g), Poll::Pending);
+    p.b.sink_ended(g);
+    assert_eq!(poll_once(&mut p, g), Poll::Ready(None));
 }
 
 #[test]

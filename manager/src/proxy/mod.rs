@@ -290,7 +290,8 @@ pub(crate) struct Inner {
     allow_dial: Vec<BlessingPattern>,
     limits: ProxyLimits,
     registry: Mutex<Registry<Conn>>,
-    counters: Counters,
+    /// Shared with tunnels' sinks, which must not hold the proxy itself.
+    counters: Arc<Counters>,
     /// Endpoints of the listeners this proxy started.
     direct: Mutex<Vec<Endpoint>>,
     upstreams: Mutex<Vec<Upstream>>,
@@ -514,7 +515,7 @@ impl Proxy {
             allow_dial,
             limits: config.limits,
             registry: Mutex::new(Registry::default()),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
             direct: Mutex::new(Vec::new()),
             upstreams: Mutex::new(upstreams),
             endpoints: watch::channel(Vec::new()).0,

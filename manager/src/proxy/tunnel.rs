@@ -2,7 +2,7 @@
 //! message by message to the server (or next proxy) it asks for.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use flow::conn::handshake::requested_endpoint;
 use flow::conn::{Delivery, Flow, FlowOptions, FlowReader, FlowWriter, MessageSender, MessageSink};
 use parking_lot::Mutex;
 
-use super::metrics::Direction;
+use super::metrics::{Counters, Direction};
 use super::registry::FlowSlot;
 use super::route::next_hop;
 use super::{Cutoff, Inner, Refusal, Refused};
@@ -162,23 +162,23 @@ async fn relay(
 ) -> std::result::Result<(), End> {
     let (client_r, client_w) = client.into_split();
     let (server_r, server_w) = server.into_split();
-    let total = Arc::new(AtomicU64::new(already));
-    let max = inner.limits.max_bytes_per_flow;
+    let limit = inner
+        .limits
+        .max_bytes_per_flow
+        .map(|max| Arc::new(ByteLimit::new(max, already)));
     let sender = |w: &FlowWriter| w.sender().map_err(End::Failed);
     let up = Forward::new(
         inner,
         sender(&server_w)?,
         Direction::ToServer,
-        &total,
-        max,
+        limit.clone(),
         None,
     );
     let down = Forward::new(
         inner,
         sender(&client_w)?,
         Direction::ToClient,
-        &total,
-        max,
+        limit,
         Some(started),
     );
     // However the relay ends, the sinks stop forwarding: each holds the
@@ -215,19 +215,49 @@ async fn relay(
     Ok(())
 }
 
+/// The per-flow byte limit of a tunnel: bytes relayed both ways, counted
+/// as each message is sent on.
+struct ByteLimit {
+    max: u64,
+    used: Mutex<u64>,
+}
+
+impl ByteLimit {
+    fn new(max: u64, used: u64) -> ByteLimit {
+        ByteLimit {
+            max,
+            used: Mutex::new(used),
+        }
+    }
+
+    /// Runs `send` for a message of `n` bytes if the limit allows them,
+    /// counting them if it sends (one direction at a time, so neither sees
+    /// the other's bytes before they are sent or given up). `None` if the
+    /// limit does not allow them.
+    fn send_within(&self, n: u64, send: impl FnOnce() -> bool) -> Option<bool> {
+        let mut used = self.used.lock();
+        if *used + n > self.max {
+            return None;
+        }
+        let sent = send();
+        if sent {
+            *used += n;
+        }
+        Some(sent)
+    }
+}
+
 /// One direction of a tunnel. As the sink of the flow it reads, it
 /// forwards each message from the carrying connection's reading task
 /// straight into the other flow while that one has credit; a message it
 /// cannot forward now goes back to the flow, where [`pump`] writes it,
 /// waiting for credit, and then attaches the sink again.
 struct Forward {
-    inner: Arc<Inner>,
+    counters: Arc<Counters>,
     /// `None` once the relay ended.
     to: Mutex<Option<MessageSender>>,
     direction: Direction,
-    /// Bytes relayed both ways, against the per-flow limit.
-    total: Arc<AtomicU64>,
-    max: Option<u64>,
+    limit: Option<Arc<ByteLimit>>,
     /// When the hello arrived, until the first reply is forwarded (that
     /// ends the dial-through latency).
     first_reply: Mutex<Option<Instant>>,
@@ -238,45 +268,39 @@ struct Forward {
 
 impl Forward {
     fn new(
-        inner: &Arc<Inner>,
+        inner: &Inner,
         to: MessageSender,
         direction: Direction,
-        total: &Arc<AtomicU64>,
-        max: Option<u64>,
+        limit: Option<Arc<ByteLimit>>,
         first_reply: Option<Instant>,
     ) -> Arc<Forward> {
         Arc::new(Forward {
-            inner: inner.clone(),
+            counters: inner.counters.clone(),
             to: Mutex::new(Some(to)),
             direction,
-            total: total.clone(),
-            max,
+            limit,
             awaiting_reply: AtomicBool::new(first_reply.is_some()),
             first_reply: Mutex::new(first_reply),
         })
     }
 
-    /// Counts `n` bytes against the per-flow limit; false, counting
-    /// nothing, if they would pass it.
-    fn admit(&self, n: u64) -> bool {
-        let Some(max) = self.max else {
-            return true;
-        };
-        if self.total.fetch_add(n, Ordering::Relaxed) + n > max {
-            self.total.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
+    /// Sends `msg` on without waiting; false if the other flow cannot take
+    /// it now (or failed, or the relay ended: the pump finds out).
+    fn try_forward(&self, msg: &[u8]) -> bool {
+        self.to
+            .lock()
+            .as_ref()
+            .is_some_and(|to| matches!(to.try_send(msg), Ok(true)))
     }
 
     /// `n` bytes went on to the other flow.
     fn forwarded(&self, n: u64) {
-        self.inner.counters.relayed(self.direction, n);
+        self.counters.relayed(self.direction, n);
         if self.awaiting_reply.load(Ordering::Relaxed)
             && let Some(at) = self.first_reply.lock().take()
         {
             self.awaiting_reply.store(false, Ordering::Relaxed);
-            self.inner.counters.dial_through(at.elapsed());
+            self.counters.dial_through(at.elapsed());
         }
     }
 }
@@ -284,20 +308,15 @@ impl Forward {
 impl MessageSink for Forward {
     fn offer(&self, msg: Bytes) -> Delivery {
         let n = msg.len() as u64;
-        if !self.admit(n) {
-            // The pump meets the limit and cuts the tunnel.
-            return Delivery::Refused(msg);
-        }
-        let sent = self
-            .to
-            .lock()
-            .as_ref()
-            .is_some_and(|to| matches!(to.try_send(&msg), Ok(true)));
+        let sent = match &self.limit {
+            // Over the limit: refused, so the pump meets the limit and
+            // cuts the tunnel.
+            Some(limit) => limit
+                .send_within(n, || self.try_forward(&msg))
+                .unwrap_or(false),
+            None => self.try_forward(&msg),
+        };
         if !sent {
-            // No credit now (or the other flow failed: the pump finds out).
-            if self.max.is_some() {
-                self.total.fetch_sub(n, Ordering::Relaxed);
-            }
             return Delivery::Refused(msg);
         }
         self.forwarded(n);
@@ -330,7 +349,11 @@ async fn pump(
         match from.read_msg().await {
             Ok(Some(msg)) => {
                 let n = msg.len() as u64;
-                if !forward.admit(n) {
+                // Counted before the wait for credit: the message goes
+                // unless the tunnel fails, which ends it anyway.
+                if let Some(limit) = &forward.limit
+                    && limit.send_within(n, || true).is_none()
+                {
                     return Err(End::Cut(Cutoff::MaxBytes));
                 }
                 to.write_msg(&[&msg]).await.map_err(End::Failed)?;
