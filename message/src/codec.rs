@@ -30,9 +30,11 @@ pub fn put_varint(buf: &mut BytesMut, value: u64) {
     if value < 0x80 {
         buf.put_u8(value as u8);
     } else {
+        // 1..=8 significant bytes, as `value` is at least 0x80.
         let n = 8 - (value.leading_zeros() as usize) / 8;
         buf.put_u8((0x100 - n) as u8);
-        buf.put_slice(&value.to_be_bytes()[8 - n..]);
+        let be = value.to_be_bytes();
+        buf.put_slice(be.get(8 - n..).unwrap_or(&be));
     }
 }
 
@@ -143,8 +145,12 @@ impl Reader {
         let Some(raw) = self.buf.get(self.pos..self.pos + n) else {
             return Err(self.error(field, DecodeErrorKind::Truncated));
         };
+        // `n` is 1..=8 (`first` is 0xf8..=0xff), so `raw` fits.
         let mut be = [0u8; 8];
-        be[8 - n..].copy_from_slice(raw);
+        let Some(low) = be.get_mut(8 - n..) else {
+            return Err(self.error(field, DecodeErrorKind::VarintTooLong));
+        };
+        low.copy_from_slice(raw);
         let value = u64::from_be_bytes(be);
         if varint_len(value) != 1 + n {
             return Err(self.error(field, DecodeErrorKind::NonMinimalVarint));
