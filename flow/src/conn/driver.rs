@@ -927,32 +927,11 @@ impl Transmitter {
         } else {
             BATCH_BYTES
         };
-        let arena = &mut self.arena;
         while self.built.len() < BATCH_FRAMES && bytes < batch_bytes {
-            arena.reserve(frame_cap.max(64 * 1024));
-            arena.put_bytes(0, FRAME_OVERHEAD);
-            let mut body = arena.split_off(FRAME_OVERHEAD);
-            match state.build_frame(now, &mut body) {
-                Some(BuiltFrame {
-                    encrypted_len,
-                    own_buffer: Some(own),
-                }) => {
-                    // A whole chunk, sent from its own buffer.
-                    arena.clear();
-                    arena.unsplit(body);
-                    bytes += own.len();
-                    self.built.push((own, encrypted_len));
-                }
-                Some(frame) => {
-                    bytes += body.len();
-                    arena.unsplit(body);
-                    self.built.push((arena.split(), frame.encrypted_len));
-                }
-                None => {
-                    arena.clear();
-                    arena.unsplit(body);
-                    break;
-                }
+            let reserve = frame_cap.max(64 * 1024);
+            match self.build_one(reserve, |body| state.build_frame(now, body)) {
+                Some(n) => bytes += n,
+                None => break,
             }
         }
     }
@@ -960,20 +939,47 @@ impl Transmitter {
     /// Builds the frame of [`ConnState::build_message_frame`]; false if
     /// that way does not apply.
     fn build_message(&mut self, state: &mut ConnState, id: FlowId, msg: &[u8]) -> bool {
+        self.build_one(64 * 1024, |body| {
+            state.build_message_frame(id, msg, work_time(), body)
+        })
+        .is_some()
+    }
+
+    /// Builds one frame with `fill`, which writes its body into the arena
+    /// after room for the sealer (or hands back a buffer of its own), and
+    /// adds it to those built. Returns the body's length, or `None` if
+    /// `fill` built nothing.
+    fn build_one(
+        &mut self,
+        reserve: usize,
+        fill: impl FnOnce(&mut BytesMut) -> Option<BuiltFrame>,
+    ) -> Option<usize> {
         let arena = &mut self.arena;
-        arena.reserve(64 * 1024);
+        arena.reserve(reserve);
         arena.put_bytes(0, FRAME_OVERHEAD);
         let mut body = arena.split_off(FRAME_OVERHEAD);
-        let built = state.build_message_frame(id, msg, work_time(), &mut body);
-        arena.unsplit(body);
-        match built {
-            Some(encrypted_len) => {
-                self.built.push((arena.split(), encrypted_len));
-                true
+        match fill(&mut body) {
+            Some(BuiltFrame {
+                encrypted_len,
+                own_buffer: Some(own),
+            }) => {
+                // A whole chunk, sent from its own buffer.
+                arena.clear();
+                arena.unsplit(body);
+                let len = own.len();
+                self.built.push((own, encrypted_len));
+                Some(len)
+            }
+            Some(frame) => {
+                let len = body.len();
+                arena.unsplit(body);
+                self.built.push((arena.split(), frame.encrypted_len));
+                Some(len)
             }
             None => {
                 arena.clear();
-                false
+                arena.unsplit(body);
+                None
             }
         }
     }
@@ -1035,22 +1041,25 @@ impl Shared {
     /// frames without waiting and no one else is sending; until
     /// [`Shared::send_held`], changes to the state do not wake the writer.
     pub(crate) fn hold_transmitter(&self) -> Option<HeldTransmitter> {
+        let tx = self.take_transmitter()?;
+        self.state.lock().hold_writer_wakes(true);
+        Some(HeldTransmitter { tx })
+    }
+
+    /// The transmitter, for this task to send with, if the transport takes
+    /// frames without waiting and no one else is sending.
+    fn take_transmitter(&self) -> Option<Box<Transmitter>> {
         if !self.sends_inline {
             return None;
         }
-        let tx = {
-            let mut slot = self.transmitter.lock();
-            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
-                // The transport is full: leave the frames to the writer
-                // task, which waits for room before building more, so no
-                // more than a batch is ever sealed ahead of the transport.
-                return None;
-            }
-            slot.take()?
-        };
-        let mut state = self.state.lock();
-        state.hold_writer_wakes(true);
-        Some(HeldTransmitter { tx })
+        let mut slot = self.transmitter.lock();
+        if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
+            // The transport is full: leave the frames to the writer task,
+            // which waits for room before building more, so no more than a
+            // batch is ever sealed ahead of the transport.
+            return None;
+        }
+        slot.take()
     }
 
     /// Sends what the state machine has to send through the held
@@ -1072,18 +1081,11 @@ impl Shared {
     /// build. False, with nothing done, when that does not apply.
     pub(crate) fn send_message_now(&self, id: FlowId, msg: &[u8]) -> bool {
         // Big messages go out from their own buffers the usual way.
-        if !self.sends_inline || msg.is_empty() || msg.len() >= ZERO_COPY_MIN {
+        if msg.is_empty() || msg.len() >= ZERO_COPY_MIN {
             return false;
         }
-        let tx = {
-            let mut slot = self.transmitter.lock();
-            if slot.as_ref().is_some_and(|tx| tx.has_unwritten()) {
-                return false;
-            }
-            match slot.take() {
-                Some(tx) => tx,
-                None => return false,
-            }
+        let Some(tx) = self.take_transmitter() else {
+            return false;
         };
         self.transmit(tx, |tx, state| tx.build_message(state, id, msg))
     }

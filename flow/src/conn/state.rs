@@ -328,6 +328,15 @@ impl FlowEntry {
         !self.handle_alive && self.send_done() && (self.recv_done() || !self.opened)
     }
 
+    /// Flags of this flow's `Data` messages, besides `CLOSE`.
+    fn data_flags(&self) -> Flags {
+        if self.passthrough {
+            Flags::PASSTHROUGH
+        } else {
+            Flags::NONE
+        }
+    }
+
     /// Puts messages a sink did not take back in the queue for the reader,
     /// after what is waiting (a closed flow released their credit when it
     /// closed: they are dropped).
@@ -1121,11 +1130,10 @@ impl ConnState {
             self.last_used = now;
             note_receiver(&mut self.recent_receivers, id, now);
         }
-        let sink = matches!(entry.sink, SinkState::Attached { .. });
-        let credit_on_arrival = entry.sink
-            == SinkState::Attached {
-                credit_on_arrival: true,
-            };
+        let (sink, credit_on_arrival) = match entry.sink {
+            SinkState::Attached { credit_on_arrival } => (true, credit_on_arrival),
+            SinkState::None | SinkState::Ended => (false, false),
+        };
         if entry.discarding {
             let release = entry.window.discard();
             if release > 0 {
@@ -1340,8 +1348,8 @@ impl ConnState {
 
     /// The quick way for one small whole message through a connection with
     /// nothing else to send: builds into `buf` a frame holding only `msg`
-    /// as flow `id`'s next message, paid from the flow's credit, and
-    /// returns its encrypted length. `None`, with nothing changed, unless
+    /// as flow `id`'s next message, paid from the flow's credit. `None`,
+    /// with nothing changed, unless
     /// the connection is open with nothing queued to send (no control
     /// message, release, scheduled flow or due round-trip probe), the flow
     /// is open on the wire, keeps messages whole and has nothing queued,
@@ -1352,7 +1360,7 @@ impl ConnState {
         msg: &[u8],
         now: Instant,
         buf: &mut BytesMut,
-    ) -> Option<usize> {
+    ) -> Option<BuiltFrame> {
         debug_assert!(buf.is_empty());
         let len = msg.len();
         let idle = self.lifecycle == Lifecycle::Open
@@ -1376,11 +1384,7 @@ impl ConnState {
             && entry.send_state == SendState::Open
             && !entry.discarding
             && entry.send_queue.is_empty();
-        let flags = if entry.passthrough {
-            Flags::PASSTHROUGH
-        } else {
-            Flags::NONE
-        };
+        let flags = entry.data_flags();
         if !plain
             || len as u64 > max_message
             || entry.credit.available(&self.pool, false, max_message) < len as u64
@@ -1397,7 +1401,7 @@ impl ConnState {
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += len as u64;
         self.last_used = now;
-        self.finish_frame(buf, clear_from).map(|f| f.encrypted_len)
+        self.finish_frame(buf, clear_from)
     }
 
     fn finish_frame(&mut self, buf: &BytesMut, clear_from: Option<usize>) -> Option<BuiltFrame> {
@@ -1842,12 +1846,8 @@ impl ConnState {
     pub fn sink_ended(&mut self, id: FlowId) {
         if let Some(entry) = self.flows.get_mut(&id) {
             entry.sink = SinkState::Ended;
-            entry.end_in_flight = false;
-            if let Some(w) = entry.read_waker.take() {
-                w.wake();
-            }
-            self.maybe_reap(id);
         }
+        self.end_returned(id);
     }
 
     /// The end of flow `id`, taken for a sink that has since been detached,
@@ -2236,11 +2236,7 @@ fn emit_flow(
     };
     let len = front.len();
     let last = entry.send_queue.len() == 1;
-    let mut flags = if entry.passthrough {
-        Flags::PASSTHROUGH
-    } else {
-        Flags::NONE
-    };
+    let mut flags = entry.data_flags();
     if entry.send_state == SendState::Closing && last {
         flags = flags | Flags::CLOSE;
     }

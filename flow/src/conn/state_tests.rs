@@ -567,7 +567,8 @@ fn a_small_whole_message_through_an_idle_connection_is_framed_at_once() {
     let sent_before = p.a.stats().bytes_sent;
     let encrypted_len =
         p.a.build_message_frame(f, b"hello", p.now, &mut buf)
-            .unwrap();
+            .unwrap()
+            .encrypted_len;
     assert_eq!(encrypted_len, buf.len());
     assert_eq!(p.a.stats().bytes_sent, sent_before + 5);
     p.b.handle_frame(p.now, buf.split().freeze(), encrypted_len)

@@ -258,12 +258,11 @@ struct Forward {
     to: Mutex<Option<MessageSender>>,
     direction: Direction,
     limit: Option<Arc<ByteLimit>>,
-    /// When the hello arrived, until the first reply is forwarded (that
-    /// ends the dial-through latency).
-    first_reply: Mutex<Option<Instant>>,
-    /// Whether `first_reply` is still to be taken (read without its lock
-    /// on every later message).
-    awaiting_reply: AtomicBool,
+    /// When the hello arrived, for the direction whose first message
+    /// forwarded ends the dial-through latency.
+    hello_at: Option<Instant>,
+    /// Whether that first message went.
+    replied: AtomicBool,
 }
 
 impl Forward {
@@ -272,15 +271,15 @@ impl Forward {
         to: MessageSender,
         direction: Direction,
         limit: Option<Arc<ByteLimit>>,
-        first_reply: Option<Instant>,
+        hello_at: Option<Instant>,
     ) -> Arc<Forward> {
         Arc::new(Forward {
             counters: inner.counters.clone(),
             to: Mutex::new(Some(to)),
             direction,
             limit,
-            awaiting_reply: AtomicBool::new(first_reply.is_some()),
-            first_reply: Mutex::new(first_reply),
+            hello_at,
+            replied: AtomicBool::new(false),
         })
     }
 
@@ -296,10 +295,10 @@ impl Forward {
     /// `n` bytes went on to the other flow.
     fn forwarded(&self, n: u64) {
         self.counters.relayed(self.direction, n);
-        if self.awaiting_reply.load(Ordering::Relaxed)
-            && let Some(at) = self.first_reply.lock().take()
+        if let Some(at) = self.hello_at
+            && !self.replied.load(Ordering::Relaxed)
+            && !self.replied.swap(true, Ordering::Relaxed)
         {
-            self.awaiting_reply.store(false, Ordering::Relaxed);
             self.counters.dial_through(at.elapsed());
         }
     }
