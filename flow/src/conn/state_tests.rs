@@ -137,6 +137,19 @@ fn read_all_at(conn: &mut ConnState, id: FlowId, now: Instant) -> (Vec<u8>, bool
     }
 }
 
+/// Opens a flow from `a` to `b` that keeps messages whole, sends `first`
+/// on it and reads it at `b`: (flow at a, flow at b), both with credit.
+fn open_whole_flow(p: &mut Pair, first: &[u8]) -> (FlowId, FlowId) {
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(f).unwrap();
+    write_all(&mut p.a, f, first);
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    assert_eq!(read_all(&mut p.b, g).0, first);
+    (f, g)
+}
+
 fn accept(conn: &mut ConnState) -> Option<FlowId> {
     match conn.poll_accept(&mut cx()) {
         Poll::Ready(Ok(id)) => Some(id),
@@ -549,20 +562,16 @@ fn a_small_whole_message_through_an_idle_connection_is_framed_at_once() {
         contended_window: window,
         ..ConnConfig::default()
     });
-    let f = p.a.open_flow(FlowOptions::default()).unwrap();
-    p.a.disable_fragmentation(f).unwrap();
     let mut buf = BytesMut::new();
     // Not yet open on the wire: the usual way (the OpenFlow) first.
+    let early = p.a.open_flow(FlowOptions::default()).unwrap();
+    p.a.disable_fragmentation(early).unwrap();
     assert!(
-        p.a.build_message_frame(f, b"early", p.now, &mut buf)
+        p.a.build_message_frame(early, b"early", p.now, &mut buf)
             .is_none()
     );
     assert!(buf.is_empty());
-    write_all(&mut p.a, f, b"open");
-    p.pump();
-    let g = accept(&mut p.b).unwrap();
-    p.pump();
-    assert_eq!(read_all(&mut p.b, g).0, b"open");
+    let (f, g) = open_whole_flow(&mut p, b"open");
     p.pump();
     let sent_before = p.a.stats().bytes_sent;
     let encrypted_len =
@@ -667,13 +676,7 @@ fn a_sink_that_takes_nothing_stops_the_sender_after_one_window() {
 #[test]
 fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
     let mut p = Pair::new();
-    let f = p.a.open_flow(FlowOptions::default()).unwrap();
-    p.a.disable_fragmentation(f).unwrap();
-    write_all(&mut p.a, f, b"0");
-    p.pump();
-    let g = accept(&mut p.b).unwrap();
-    p.pump();
-    assert_eq!(read_all(&mut p.b, g).0, b"0");
+    let (f, g) = open_whole_flow(&mut p, b"0");
     let (sink_id, _, _) = p.b.attach_sink(g, false, || p.now).unwrap();
     for msg in [&b"1"[..], b"2", b"3"] {
         assert_eq!(write_all(&mut p.a, f, msg), 1);
@@ -713,13 +716,7 @@ fn refused_messages_go_back_to_the_reader_in_order_and_a_sink_can_return() {
 /// the end, were just taken for delivery: (pair, flow at b, items).
 fn end_in_flight() -> (Pair, FlowId, Vec<SinkItem>) {
     let mut p = Pair::new();
-    let f = p.a.open_flow(FlowOptions::default()).unwrap();
-    p.a.disable_fragmentation(f).unwrap();
-    write_all(&mut p.a, f, b"open");
-    p.pump();
-    let g = accept(&mut p.b).unwrap();
-    p.pump();
-    assert_eq!(read_all(&mut p.b, g).0, b"open");
+    let (f, g) = open_whole_flow(&mut p, b"open");
     p.b.attach_sink(g, false, || p.now).unwrap();
     assert_eq!(write_all(&mut p.a, f, b"w"), 1);
     assert_eq!(write_all(&mut p.a, f, b"y"), 1);
