@@ -482,33 +482,35 @@ async fn read_loop(
 }
 
 thread_local! {
-    /// While this thread hands on what one received frame carried, the time
-    /// that frame was handled (see [`work_time`]).
-    static FRAME_TIME: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// While this thread does one piece of work that spans connections,
+    /// the time it started (see [`work_time`]).
+    static WORK_TIME: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
-/// The time to stamp state-machine work with: while this thread delivers
-/// what a received frame carried to sinks (which may handle or send frames
-/// of other connections in turn, microseconds later), the time that frame
-/// was handled; otherwise the clock's. Spares a clock read per hop on a
-/// proxy's relay and at each end of a proxied connection.
+/// The time to stamp state-machine work with: while this thread does one
+/// piece of work that reaches other connections microseconds later — it
+/// delivers what a received frame carried to sinks (which may handle or
+/// send frames of other connections in turn), or sends frames through a
+/// transport that is itself a flow — the time that work started;
+/// otherwise the clock's. Spares a clock read per hop on a proxy's relay
+/// and at each end of a proxied connection.
 fn work_time() -> Instant {
-    FRAME_TIME.get().unwrap_or_else(Instant::now)
+    WORK_TIME.get().unwrap_or_else(Instant::now)
 }
 
-/// Sets [`work_time`] for the delivery of one frame; restores the outer
-/// one when dropped.
-struct FrameTimeScope(Option<Instant>);
+/// Sets [`work_time`] for one piece of work; restores the outer one when
+/// dropped.
+struct WorkTimeScope(Option<Instant>);
 
-impl FrameTimeScope {
-    fn enter(now: Instant) -> FrameTimeScope {
-        FrameTimeScope(FRAME_TIME.replace(Some(now)))
+impl WorkTimeScope {
+    fn enter(now: Instant) -> WorkTimeScope {
+        WorkTimeScope(WORK_TIME.replace(Some(now)))
     }
 }
 
-impl Drop for FrameTimeScope {
+impl Drop for WorkTimeScope {
     fn drop(&mut self) {
-        FRAME_TIME.set(self.0);
+        WORK_TIME.set(self.0);
     }
 }
 
@@ -584,7 +586,7 @@ impl Shared {
         // Even when this frame closed the connection: what came before the
         // close was received like any data.
         if !items.is_empty() {
-            let _now = FrameTimeScope::enter(now);
+            let _now = WorkTimeScope::enter(now);
             self.deliver_to_sinks(items);
         }
         open
@@ -1067,9 +1069,13 @@ impl Shared {
     /// gives the transmitter back and wakes the writer task if anything is
     /// left for it.
     pub(crate) fn send_held(&self, held: HeldTransmitter) {
+        // A transport that is a flow (a proxied connection's) sends on the
+        // carrying connection with the same time.
+        let now = work_time();
+        let _now = WorkTimeScope::enter(now);
         self.transmit(held.tx, |tx, state| {
             state.hold_writer_wakes(false);
-            tx.build(state, Instant::now());
+            tx.build(state, now);
             true
         });
     }
