@@ -44,13 +44,86 @@ pub trait FrameSink: Send + Sync + 'static {
     fn deliver(&self, frame: Bytes);
 }
 
+/// A frame to write: a head and a tail that follows it on the wire, as
+/// one frame. The tail lets a frame carry a payload held elsewhere (a
+/// message being relayed, say) without copying it next to the head.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    head: Bytes,
+    tail: Bytes,
+}
+
+impl Frame {
+    /// A frame of `head`, then `tail`.
+    pub fn with_tail(head: Bytes, tail: Bytes) -> Frame {
+        Frame { head, tail }
+    }
+
+    /// Its length on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether it has no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first part.
+    pub fn head(&self) -> &Bytes {
+        &self.head
+    }
+
+    /// The part after the head; empty for most frames.
+    pub fn tail(&self) -> &Bytes {
+        &self.tail
+    }
+
+    /// Both parts, in order.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.head, &self.tail]
+    }
+
+    /// The frame as one buffer: the head itself when there is no tail,
+    /// else a copy of both.
+    pub fn to_bytes(&self) -> Bytes {
+        if self.tail.is_empty() {
+            return self.head.clone();
+        }
+        let mut whole = BytesMut::with_capacity(self.len());
+        whole.extend_from_slice(&self.head);
+        whole.extend_from_slice(&self.tail);
+        whole.freeze()
+    }
+
+    /// The parts, for whoever takes the frame apart.
+    pub fn into_parts(self) -> (Bytes, Bytes) {
+        (self.head, self.tail)
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(head: Bytes) -> Frame {
+        Frame {
+            head,
+            tail: Bytes::new(),
+        }
+    }
+}
+
+impl From<&'static [u8]> for Frame {
+    fn from(head: &'static [u8]) -> Frame {
+        Frame::from(Bytes::from_static(head))
+    }
+}
+
 /// Writes whole frames to a transport.
 pub trait FrameWriter: Send + 'static {
     /// Writes `frames` in order, each whole, in as few system calls as the
     /// transport allows. Completes when the transport has taken every byte.
     /// Frames longer than the transport's maximum fail with
     /// [`crate::ErrorKind::BadArg`] before anything is written.
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>>;
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>>;
 
     /// Whether [`FrameWriter::try_write_frames`] can take frames without
     /// waiting. A connection over such a transport lets the task that
@@ -65,7 +138,7 @@ pub trait FrameWriter: Send + 'static {
     /// [`FrameWriter::write_frames`] later. A transport may take a frame in
     /// part: it keeps the rest, reports it with
     /// [`FrameWriter::has_pending`], and writes it first on the next call.
-    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+    fn try_write_frames(&mut self, frames: &[Frame]) -> Result<usize> {
         let _ = frames;
         Ok(0)
     }

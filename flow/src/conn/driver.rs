@@ -23,7 +23,7 @@ use super::state::{
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
 use crate::security::{Blessings, Discharges};
-use crate::transport::{FrameReader, FrameSink, FrameWriter, FramedConn};
+use crate::transport::{Frame, FrameReader, FrameSink, FrameWriter, FramedConn};
 use crate::{Error, ErrorKind, Result};
 
 /// Most frames one batch (one vectored write) carries.
@@ -136,14 +136,14 @@ impl Conn {
         let (mut reader, mut writer) = transport.split();
         let handshake = async {
             let (mut dialer, hello) = Dialer::start(params, remote, Instant::now())?;
-            writer.write_frames(&[hello]).await?;
+            writer.write_frames(&[hello.into()]).await?;
             let answer = while_waiting(read_handshake_frame(reader.as_mut(), "the answer")).await?;
             dialer.on_response(answer, Instant::now())?;
             let binding = read_handshake_frame(reader.as_mut(), "the binding").await?;
             match dialer.on_binding(binding, SystemTime::now())? {
                 DialerStep::Done(done) => Ok(*done),
                 DialerStep::Reveal { frame, wait } => {
-                    writer.write_frames(&[frame]).await?;
+                    writer.write_frames(&[frame.into()]).await?;
                     let reveal = reader.read_frame().await?.ok_or_else(|| {
                         Error::not_trusted(
                             "the acceptor hung up instead of showing its blessings \
@@ -184,7 +184,7 @@ impl Conn {
             let mut acceptor = Acceptor::new(params);
             let hello = read_handshake_frame(reader.as_mut(), "the hello").await?;
             let answer = acceptor.on_hello(hello, Instant::now())?;
-            writer.write_frames(&answer).await?;
+            writer.write_frames(&answer.map(Frame::from)).await?;
             let binding =
                 while_waiting(read_handshake_frame(reader.as_mut(), "the binding")).await?;
             let done =
@@ -193,14 +193,15 @@ impl Conn {
                     Ok(done) => done,
                     Err(refusal) => {
                         if let Some(goodbye) = refusal.goodbye {
-                            let _ = writer.write_frames(&[goodbye]).await;
+                            let _ = writer.write_frames(&[goodbye.into()]).await;
                             let _ = writer.close().await;
                         }
                         return Err(refusal.error);
                     }
                 };
             if !done.frames_to_send.is_empty() {
-                writer.write_frames(&done.frames_to_send).await?;
+                let frames: Vec<Frame> = done.frames_to_send.iter().cloned().map(Frame::from).collect();
+                writer.write_frames(&frames).await?;
             }
             Ok::<_, Error>(done)
         };
@@ -897,10 +898,11 @@ struct Transmitter {
     sealer: FrameSealer,
     /// Where small frames are built, several per allocation.
     arena: BytesMut,
-    /// Frames built, not yet sealed, with their encrypted lengths.
-    built: Vec<(BytesMut, usize)>,
+    /// Frames built, not yet sealed: room for the sealer and the body,
+    /// how much of it to encrypt, and a payload sent clear after it.
+    built: Vec<(BytesMut, usize, Bytes)>,
     /// Sealed frames not yet taken by the transport, in order.
-    sealed: Vec<Bytes>,
+    sealed: Vec<Frame>,
 }
 
 impl Transmitter {
@@ -964,18 +966,21 @@ impl Transmitter {
             Some(BuiltFrame {
                 encrypted_len,
                 own_buffer: Some(own),
+                tail,
             }) => {
-                // A whole chunk, sent from its own buffer.
+                // A whole chunk, sent from its own buffer (or its header
+                // from one, then the chunk as it is).
                 arena.clear();
                 arena.unsplit(body);
-                let len = own.len();
-                self.built.push((own, encrypted_len));
+                let len = own.len() + tail.len();
+                self.built.push((own, encrypted_len, tail));
                 Some(len)
             }
             Some(frame) => {
                 let len = body.len();
                 arena.unsplit(body);
-                self.built.push((arena.split(), frame.encrypted_len));
+                self.built
+                    .push((arena.split(), frame.encrypted_len, frame.tail));
                 Some(len)
             }
             None => {
@@ -988,11 +993,11 @@ impl Transmitter {
 
     /// Seals the frames built, in order, after those already sealed.
     fn seal(&mut self) -> Result<()> {
-        for (mut frame, encrypted_len) in self.built.drain(..) {
+        for (mut frame, encrypted_len, tail) in self.built.drain(..) {
             let mut body = frame.split_off(FRAME_OVERHEAD);
             self.sealer.seal(&mut frame, &mut body, encrypted_len)?;
             frame.unsplit(body);
-            self.sealed.push(frame.freeze());
+            self.sealed.push(Frame::with_tail(frame.freeze(), tail));
         }
         Ok(())
     }
@@ -1002,8 +1007,9 @@ impl Transmitter {
     fn recycle_written(&mut self, shared: &Shared, n: usize) {
         let mut reusable = Vec::new();
         for frame in self.sealed.drain(..n) {
-            if frame.len() >= ZERO_COPY_MIN
-                && let Ok(buf) = frame.try_into_mut()
+            let (head, _tail) = frame.into_parts();
+            if head.len() >= ZERO_COPY_MIN
+                && let Ok(buf) = head.try_into_mut()
             {
                 reusable.push(buf);
             }
@@ -1135,7 +1141,7 @@ impl Shared {
 async fn write_with_health(
     shared: &Shared,
     writer: &mut dyn FrameWriter,
-    frames: &[Bytes],
+    frames: &[Frame],
 ) -> Result<()> {
     let mut write = writer.write_frames(frames);
     loop {

@@ -160,6 +160,10 @@ pub struct BuiltFrame {
     /// of room for the sealer, then the frame — and the caller's buffer was
     /// not touched (a whole chunk sent without copying).
     pub own_buffer: Option<BytesMut>,
+    /// A passthrough payload that follows the frame's encrypted part as
+    /// it is, from the buffer it arrived in (empty for most frames; with
+    /// `own_buffer` holding only the room and the header).
+    pub tail: Bytes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1301,6 +1305,7 @@ impl ConnState {
                 return Some(BuiltFrame {
                     encrypted_len: encrypted.unwrap_or(frame.len() - super::FRAME_OVERHEAD),
                     own_buffer: Some(frame),
+                    tail: Bytes::new(),
                 });
             }
             if clear_from.is_some() {
@@ -1412,6 +1417,7 @@ impl ConnState {
         Some(BuiltFrame {
             encrypted_len: clear_from.unwrap_or(buf.len()),
             own_buffer: None,
+            tail: Bytes::new(),
         })
     }
 

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use crate::transport::{FrameReader, FrameWriter, FramedConn};
+use crate::transport::{Frame, FrameReader, FrameWriter, FramedConn};
 use crate::{Error, Result};
 
 pub(crate) struct PipeEnd {
@@ -81,7 +81,7 @@ struct PipeWriter {
     refusing: Arc<AtomicBool>,
     holds_taken: bool,
     /// Frames taken but not yet sent (with `holds_taken`).
-    held: Vec<Bytes>,
+    held: Vec<Frame>,
 }
 
 impl FrameReader for PipeReader {
@@ -91,13 +91,13 @@ impl FrameReader for PipeReader {
 }
 
 impl FrameWriter for PipeWriter {
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let Some(tx) = &self.tx else {
                 return Err(Error::network("pipe closed"));
             };
             for f in std::mem::take(&mut self.held).iter().chain(frames) {
-                tx.send(f.clone())
+                tx.send(f.to_bytes())
                     .await
                     .map_err(|_| Error::network("pipe closed"))?;
             }
@@ -109,7 +109,7 @@ impl FrameWriter for PipeWriter {
         self.writes_without_waiting
     }
 
-    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+    fn try_write_frames(&mut self, frames: &[Frame]) -> Result<usize> {
         let Some(tx) = &self.tx else {
             return Err(Error::network("pipe closed"));
         };
@@ -121,7 +121,7 @@ impl FrameWriter for PipeWriter {
             return Ok(frames.len());
         }
         for (taken, f) in frames.iter().enumerate() {
-            match tx.try_send(f.clone()) {
+            match tx.try_send(f.to_bytes()) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => return Ok(taken),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
