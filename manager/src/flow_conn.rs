@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use flow::auth::AllowEveryone;
 use flow::conn::{Flow, FlowReader, FlowWriter, MessageSender};
 use flow::naming::Endpoint;
-use flow::transport::{FrameReader, FrameSink, FrameWriter, FramedConn, Listener, Protocol};
+use flow::transport::{Frame, FrameReader, FrameSink, FrameWriter, FramedConn, Listener, Protocol};
 use flow::{Error, Result};
 use futures::future::BoxFuture;
 
@@ -81,10 +81,14 @@ impl FrameReader for FlowFrameReader {
 }
 
 impl FrameWriter for FlowFrameWriter {
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             for frame in frames {
-                self.writer.write_msg(&[frame]).await?;
+                if frame.tail().is_empty() {
+                    self.writer.write_bytes(frame.head()).await?;
+                } else {
+                    self.writer.write_msg(&frame.parts()).await?;
+                }
             }
             Ok(())
         })
@@ -94,9 +98,11 @@ impl FrameWriter for FlowFrameWriter {
         true
     }
 
-    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+    fn try_write_frames(&mut self, frames: &[Frame]) -> Result<usize> {
         for (taken, frame) in frames.iter().enumerate() {
-            if !self.sender.try_send(frame)? {
+            // Held, not copied: a frame is one message, kept whole. (One
+            // with a tail — a chained proxy's — is joined first.)
+            if !self.sender.try_send_bytes(&frame.to_bytes())? {
                 return Ok(taken);
             }
         }

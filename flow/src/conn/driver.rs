@@ -200,7 +200,12 @@ impl Conn {
                     }
                 };
             if !done.frames_to_send.is_empty() {
-                let frames: Vec<Frame> = done.frames_to_send.iter().cloned().map(Frame::from).collect();
+                let frames: Vec<Frame> = done
+                    .frames_to_send
+                    .iter()
+                    .cloned()
+                    .map(Frame::from)
+                    .collect();
                 writer.write_frames(&frames).await?;
             }
             Ok::<_, Error>(done)

@@ -363,7 +363,15 @@ pub struct MessageSender {
 impl MessageSender {
     /// As [`FlowWriter::try_write_msg`].
     pub fn try_send(&self, msg: &[u8]) -> Result<bool> {
-        try_send_whole(&self.inner, msg)
+        try_send_whole(&self.inner, msg, None)
+    }
+
+    /// As [`MessageSender::try_send`], for a message already in a
+    /// [`Bytes`]: the flow holds on to it instead of copying it, and a
+    /// large one on a passthrough flow goes out from it as it is (a relayed
+    /// message, say, sent without a copy).
+    pub fn try_send_bytes(&self, msg: &Bytes) -> Result<bool> {
+        try_send_whole(&self.inner, msg, Some(msg))
     }
 }
 
@@ -408,7 +416,7 @@ impl FlowWriter {
     /// on others it fails with [`ErrorKind::BadState`].
     pub fn try_write_msg(&self, msg: &[u8]) -> Result<bool> {
         check_whole(&self.inner)?;
-        try_send_whole(&self.inner, msg)
+        try_send_whole(&self.inner, msg, None)
     }
 
     /// A handle that writes whole messages to this flow without waiting,
@@ -420,6 +428,25 @@ impl FlowWriter {
         Ok(MessageSender {
             inner: self.inner.clone(),
         })
+    }
+
+    /// As [`FlowWriter::write_msg`] for one message already in a
+    /// [`Bytes`]: the flow holds on to it instead of copying it where it
+    /// can (see [`MessageSender::try_send_bytes`]).
+    pub async fn write_bytes(&mut self, msg: &Bytes) -> Result<()> {
+        let written = poll_fn(|cx| {
+            if let Err(e) = self.timer.check(&self.inner, cx) {
+                return Poll::Ready(Err(e));
+            }
+            poll_send_from(&self.inner, cx, &[msg], Some(msg))
+        })
+        .await?;
+        if written < msg.len() {
+            // Taken in part (a flow that splits messages): the rest the
+            // usual way.
+            self.write_msg(&[&msg[written..]]).await?;
+        }
+        Ok(())
     }
 
     /// See [`Flow::write_msg_and_close`].
@@ -454,16 +481,33 @@ impl FlowWriter {
 /// transport takes frames without waiting, sends them from this task,
 /// sparing a hand-off to the writer task.
 fn poll_send(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
-    let Some(held) = inner.conn.shared.hold_transmitter() else {
-        return poll_queue_bufs(inner, cx, bufs);
+    poll_send_from(inner, cx, bufs, None)
+}
+
+/// As [`poll_send`]; `held`, when given, is `bufs`' one buffer as a
+/// [`Bytes`] the flow may keep instead of copying it.
+fn poll_send_from(
+    inner: &FlowInner,
+    cx: &mut Context<'_>,
+    bufs: &[&[u8]],
+    held: Option<&Bytes>,
+) -> Poll<Result<usize>> {
+    let Some(transmitter) = inner.conn.shared.hold_transmitter() else {
+        return poll_queue_bufs(inner, cx, bufs, held);
     };
-    let result = poll_queue_bufs(inner, cx, bufs);
-    inner.conn.shared.send_held(held);
+    let result = poll_queue_bufs(inner, cx, bufs, held);
+    inner.conn.shared.send_held(transmitter);
     result
 }
 
-/// Queues what credit allows of `bufs` on the flow.
-fn poll_queue_bufs(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
+/// Queues what credit allows of `bufs` (or all of `held`, if given and
+/// credit allows all of it) on the flow.
+fn poll_queue_bufs(
+    inner: &FlowInner,
+    cx: &mut Context<'_>,
+    bufs: &[&[u8]],
+    held: Option<&Bytes>,
+) -> Poll<Result<usize>> {
     let total = bufs.iter().map(|b| b.len()).sum();
     let (n, buffer) = {
         let mut state = inner.conn.shared.state.lock();
@@ -474,6 +518,10 @@ fn poll_queue_bufs(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> P
             return state.poll_write(cx, inner.id, bufs);
         }
         let n = ready!(state.reserve_write(cx, inner.id, total))?;
+        if let Some(msg) = held.filter(|msg| n > 0 && msg.len() == n) {
+            state.commit_write(inner.id, Chunk::Held(msg.clone()));
+            return Poll::Ready(Ok(n));
+        }
         (n, state.spare_buffer(n))
     };
     if n > 0 {
@@ -504,7 +552,7 @@ fn check_whole(inner: &FlowInner) -> Result<()> {
 /// Writes `msg` whole if flow `inner` (one that keeps messages whole) can
 /// take it now (see [`FlowWriter::try_write_msg`]). A deadline that passed
 /// fails it; none is waited for.
-fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
+fn try_send_whole(inner: &FlowInner, msg: &[u8], held: Option<&Bytes>) -> Result<bool> {
     if inner.deadline().is_some_and(|at| Instant::now() >= at) {
         return Err(Error::timeout("flow deadline passed"));
     }
@@ -512,7 +560,7 @@ fn try_send_whole(inner: &FlowInner, msg: &[u8]) -> Result<bool> {
         return Ok(true);
     }
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    match poll_send(inner, &mut cx, &[msg]) {
+    match poll_send_from(inner, &mut cx, &[msg], held) {
         Poll::Ready(Ok(_)) => Ok(true),
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Ok(false),

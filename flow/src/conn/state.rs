@@ -1287,7 +1287,7 @@ impl ConnState {
                     }
                     None
                 }
-                Emitted::OwnFrame(frame, encrypted) => Some((frame, encrypted)),
+                Emitted::OwnFrame(frame, tail, encrypted) => Some((frame, tail, encrypted)),
             };
             self.last_used = now;
             if entry.is_sendable() {
@@ -1300,12 +1300,12 @@ impl ConnState {
                 entry.wake_closed();
             }
             self.maybe_reap(id);
-            if let Some((frame, encrypted)) = own_frame {
+            if let Some((frame, tail, encrypted)) = own_frame {
                 self.stats.frames_sent += 1;
                 return Some(BuiltFrame {
                     encrypted_len: encrypted.unwrap_or(frame.len() - super::FRAME_OVERHEAD),
                     own_buffer: Some(frame),
-                    tail: Bytes::new(),
+                    tail,
                 });
             }
             if clear_from.is_some() {
@@ -2180,9 +2180,10 @@ enum Emitted {
     Some {
         passthrough_at: Option<usize>,
     },
-    /// A chunk as a frame of its own; for a passthrough payload, only the
-    /// header's bytes are encrypted.
-    OwnFrame(BytesMut, Option<usize>),
+    /// A chunk as a frame of its own, perhaps with the payload to follow
+    /// it as it is (see [`Chunk::into_frame`]); for a passthrough payload,
+    /// only the header's bytes are encrypted.
+    OwnFrame(BytesMut, Bytes, Option<usize>),
 }
 
 /// Writes the next piece of flow `id` into `buf` (an `OpenFlow` first if
@@ -2268,13 +2269,16 @@ fn emit_flow(
         let mut header = BytesMut::with_capacity(MAX_DATA_HEADER);
         Data::encode_header(id, flags, len, &mut header);
         let encrypted = entry.passthrough.then_some(header.len());
-        return Emitted::OwnFrame(chunk.into_frame(&header), encrypted);
+        let (frame, tail) = chunk.into_frame(&header, entry.passthrough);
+        return Emitted::OwnFrame(frame, tail, encrypted);
     }
     Data::encode_header(id, flags, len, buf);
     let passthrough_at = entry.passthrough.then_some(buf.len());
     buf.put_slice(chunk.as_slice());
-    let used = chunk.into_buffer();
-    if spare.len() < MAX_SPARE_BUFFERS && used.capacity() >= ZERO_COPY_MIN {
+    if let Some(used) = chunk.into_buffer()
+        && spare.len() < MAX_SPARE_BUFFERS
+        && used.capacity() >= ZERO_COPY_MIN
+    {
         spare.push(used);
     }
     Emitted::Some { passthrough_at }

@@ -102,14 +102,15 @@ fn transfer(from: &mut ConnState, to: &mut ConnState, now: Instant) -> usize {
             return count;
         };
         count += 1;
-        let frame = match built.own_buffer {
+        let mut frame = match built.own_buffer {
             Some(mut own) => {
                 own.advance(super::FRAME_OVERHEAD);
-                own.freeze()
+                own
             }
-            None => buf.freeze(),
+            None => buf,
         };
-        let _ = to.handle_frame(now, frame, built.encrypted_len);
+        frame.extend_from_slice(&built.tail);
+        let _ = to.handle_frame(now, frame.freeze(), built.encrypted_len);
     }
 }
 
@@ -1306,4 +1307,72 @@ fn big_passthrough_payloads_go_out_in_frames_of_their_own_unencrypted() {
     p.b.handle_frame(p.now, own.freeze(), built.encrypted_len)
         .unwrap();
     assert_eq!(read_all(&mut p.b, g).0.len(), 4 + sealed.len());
+}
+
+/// Queues `msg` on flow `id` as a held chunk (as `MessageSender::try_send_bytes`
+/// does), after taking its credit.
+fn queue_held(conn: &mut ConnState, id: FlowId, msg: &Bytes) {
+    let n = match conn.reserve_write(&mut cx(), id, msg.len()) {
+        Poll::Ready(Ok(n)) => n,
+        other => panic!("no credit for the message: {other:?}"),
+    };
+    assert_eq!(n, msg.len());
+    conn.commit_write(id, super::chunk::Chunk::Held(msg.clone()));
+}
+
+#[test]
+fn held_passthrough_payloads_follow_their_header_without_a_copy() {
+    let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    p.a.set_passthrough(f).unwrap();
+    let sealed = Bytes::from(vec![0x5a; 10_000]);
+    queue_held(&mut p.a, f, &sealed);
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    let head = built.own_buffer.expect("a frame of its own");
+    // The head is the sealer's room and the Data header, all of it to be
+    // encrypted; the payload is the very buffer queued.
+    assert_eq!(head.len() - super::FRAME_OVERHEAD, built.encrypted_len);
+    assert_eq!(built.tail.as_ptr(), sealed.as_ptr());
+    assert_eq!(built.tail.len(), sealed.len());
+    let mut frame = head;
+    frame.advance(super::FRAME_OVERHEAD);
+    frame.extend_from_slice(&built.tail);
+    p.b.handle_frame(p.now, frame.freeze(), built.encrypted_len)
+        .unwrap();
+    let (got, _) = read_all(&mut p.b, g);
+    assert_eq!(&got[4..], &sealed[..]);
+}
+
+#[test]
+fn held_payloads_of_encrypted_flows_are_sealed_with_their_frame() {
+    let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
+    let f = p.a.open_flow(FlowOptions::default()).unwrap();
+    write_all(&mut p.a, f, b"open");
+    p.pump();
+    let g = accept(&mut p.b).unwrap();
+    p.pump();
+    let big = Bytes::from(vec![0x33; 10_000]);
+    let small = Bytes::from_static(b"small");
+    queue_held(&mut p.a, f, &big);
+    queue_held(&mut p.a, f, &small);
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    // Not passthrough: nothing may travel in the clear.
+    assert!(built.tail.is_empty());
+    let mut frame = built.own_buffer.expect("a frame of its own");
+    assert_eq!(built.encrypted_len, frame.len() - super::FRAME_OVERHEAD);
+    frame.advance(super::FRAME_OVERHEAD);
+    p.b.handle_frame(p.now, frame.freeze(), built.encrypted_len)
+        .unwrap();
+    p.pump();
+    let (got, _) = read_all(&mut p.b, g);
+    let mut want = b"open".to_vec();
+    want.extend_from_slice(&big);
+    want.extend_from_slice(&small);
+    assert_eq!(got, want);
 }

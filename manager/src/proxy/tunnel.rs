@@ -285,11 +285,11 @@ impl Forward {
 
     /// Sends `msg` on without waiting; false if the other flow cannot take
     /// it now (or failed, or the relay ended: the pump finds out).
-    fn try_forward(&self, msg: &[u8]) -> bool {
+    fn try_forward(&self, msg: &Bytes) -> bool {
         self.to
             .lock()
             .as_ref()
-            .is_some_and(|to| matches!(to.try_send(msg), Ok(true)))
+            .is_some_and(|to| matches!(to.try_send_bytes(msg), Ok(true)))
     }
 
     /// `n` bytes went on to the other flow.
@@ -355,7 +355,7 @@ async fn pump(
                 {
                     return Err(End::Cut(Cutoff::MaxBytes));
                 }
-                to.write_msg(&[&msg]).await.map_err(End::Failed)?;
+                to.write_bytes(&msg).await.map_err(End::Failed)?;
                 forward.forwarded(n);
             }
             Ok(None) => {
