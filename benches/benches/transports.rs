@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use flow::transport::{FrameReader, FrameWriter, Listener};
+use flow::transport::{Frame, FrameReader, FrameWriter, Listener};
 use flow_protocols::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
@@ -52,7 +52,7 @@ async fn link(registry: &Registry, protocol: &str) -> Link {
     let (_dialer_reader, mut writer) = dialed.split();
     // The dialer speaks first (a wsh listener sniffs the first byte).
     writer
-        .write_frames(&[Bytes::from_static(b"hello")])
+        .write_frames(&[Frame::from(&b"hello"[..])])
         .await
         .expect("greeting");
     let accepted = tokio::time::timeout(SETUP, listener.accept())
@@ -75,8 +75,8 @@ fn run(rt: &Runtime, link: &mut Link, size: usize, frames: u64) -> Duration {
     let (Some(mut writer), Some(mut reader)) = (link.writer.take(), link.reader.take()) else {
         panic!("link lost in an earlier iteration");
     };
-    let frame = Bytes::from(vec![0x5a; size]);
-    let batch: Vec<Bytes> = vec![frame; BATCH];
+    let frame = Frame::from(Bytes::from(vec![0x5a; size]));
+    let batch: Vec<Frame> = vec![frame; BATCH];
     let (writer, reader, elapsed) = rt.block_on(async move {
         let start = Instant::now();
         let writing = tokio::spawn(async move {

@@ -399,7 +399,7 @@ mod tests {
             let conn = listener.accept().await.expect("accepted despite errors");
             assert_eq!(conn.remote_addr(), "fake-peer");
             let (_r, mut w) = conn.split();
-            w.write_frames(&[Bytes::from_static(b"hi")])
+            w.write_frames(&[Bytes::from_static(b"hi").into()])
                 .await
                 .expect("write");
             let (r, _w) = tokio::io::split(peer);

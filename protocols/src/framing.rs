@@ -2,17 +2,18 @@
 //! raw side of wsh.
 //!
 //! On the wire a frame is a 4-byte big-endian length followed by that many
-//! bytes. Reads buffer large chunks into one `BytesMut` and hand out whole
-//! frames with `split_to`; writes put every prefix and frame of one call into
-//! a single vectored write, continuing after partial writes.
+//! bytes: a [`Frame`]'s head then its tail, as one frame. Reads buffer large
+//! chunks into one `BytesMut` and hand out whole frames with `split_to`;
+//! writes put every prefix, head and tail of one call into a single vectored
+//! write, continuing after partial writes.
 
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
-use flow::transport::{FrameReader, FrameWriter, FramedConn};
+use bytes::{Buf, BytesMut};
+use flow::transport::{Frame, FrameReader, FrameWriter, FramedConn};
 use flow::{Error, ErrorKind, Result};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,9 +38,9 @@ const COPY_MAX: usize = 4 * 1024;
 /// the copy costs less than the kernel's vectored-write path.
 const GATHER_MAX: usize = 4 * 1024;
 
-/// Checks every frame of a write against the maximum before anything is
-/// written.
-pub(crate) fn check_frame_sizes(label: &str, frames: &[Bytes]) -> Result<()> {
+/// Checks every frame of a write (head and tail together) against the
+/// maximum before anything is written.
+pub(crate) fn check_frame_sizes(label: &str, frames: &[Frame]) -> Result<()> {
     match frames.iter().find(|f| f.len() > MAX_FRAME_SIZE) {
         Some(frame) => Err(Error::bad_arg(format!(
             "{label}: frame of {} bytes exceeds the maximum of {MAX_FRAME_SIZE}",
@@ -47,6 +48,23 @@ pub(crate) fn check_frame_sizes(label: &str, frames: &[Bytes]) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A frame's length prefix: its head and tail together.
+fn prefix_of(frame: &Frame) -> [u8; PREFIX_LEN] {
+    // Fits: every frame is checked to be at most MAX_FRAME_SIZE <= u32::MAX.
+    (frame.len() as u32).to_be_bytes()
+}
+
+/// A frame's bytes on the wire, in order: its prefix, head and tail.
+fn wire_parts<'a>(prefix: &'a [u8; PREFIX_LEN], frame: &'a Frame) -> [&'a [u8]; 3] {
+    let [head, tail] = frame.parts();
+    [prefix, head, tail]
+}
+
+/// Bytes a frame takes on the wire, prefix included.
+fn wire_len(frame: &Frame) -> usize {
+    PREFIX_LEN + frame.len()
 }
 
 /// Wraps an i/o error of an established connection, naming the connection.
@@ -129,23 +147,83 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamReader<R> {
     }
 }
 
-/// Each frame's length prefix (kept in `prefixes`) then the frame, as the
-/// slices of one vectored write.
+/// Each frame's length prefix (kept in `prefixes`), head and tail, as the
+/// slices of one vectored write; empty slices are left out.
 fn wire_slices<'a>(
     prefixes: &'a mut Vec<[u8; PREFIX_LEN]>,
-    frames: &'a [Bytes],
+    frames: &'a [Frame],
 ) -> Vec<IoSlice<'a>> {
     prefixes.clear();
-    // Lengths fit: every frame is at most MAX_FRAME_SIZE <= u32::MAX.
-    prefixes.extend(frames.iter().map(|f| (f.len() as u32).to_be_bytes()));
-    let mut slices = Vec::with_capacity(frames.len() * 2);
+    prefixes.extend(frames.iter().map(prefix_of));
+    let mut slices = Vec::with_capacity(frames.len() * 3);
     for (prefix, frame) in prefixes.iter().zip(frames) {
-        slices.push(IoSlice::new(prefix));
-        if !frame.is_empty() {
-            slices.push(IoSlice::new(frame));
-        }
+        let parts = wire_parts(prefix, frame);
+        slices.extend(
+            parts
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(IoSlice::new),
+        );
     }
     slices
+}
+
+/// Appends to `unsent` the bytes of `parts`, taken as one run, from
+/// offset `skip` on.
+fn keep_from(unsent: &mut BytesMut, parts: [&[u8]; 3], mut skip: usize) {
+    for part in parts {
+        let from = skip.min(part.len());
+        unsent.extend_from_slice(&part[from..]);
+        skip -= from;
+    }
+}
+
+/// After a write took the first `written` wire bytes of `frames`, keeps
+/// in `unsent` what is left of the frame it stopped inside, if any;
+/// returns how many frames were taken, counting that one.
+fn keep_rest_of_begun(unsent: &mut BytesMut, frames: &[Frame], written: usize) -> usize {
+    let mut at = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        let end = at + wire_len(frame);
+        if written < end {
+            if written == at {
+                return i;
+            }
+            keep_from(unsent, wire_parts(&prefix_of(frame), frame), written - at);
+            return i + 1;
+        }
+        at = end;
+    }
+    frames.len()
+}
+
+/// The error of a stream that took no bytes of a write.
+fn took_no_more(label: &str) -> Error {
+    Error::network(format!("{label}: connection took no more bytes"))
+}
+
+/// Writes what `io` takes now of `slices`, without waiting; returns how
+/// many bytes it took.
+fn poll_write_slices<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    slices: &mut [IoSlice<'_>],
+    label: &str,
+) -> Result<usize> {
+    let mut written = 0;
+    let mut rest = slices;
+    while !rest.is_empty() {
+        match Pin::new(&mut *io).poll_write_vectored(cx, rest) {
+            Poll::Ready(Ok(0)) => return Err(took_no_more(label)),
+            Poll::Ready(Ok(n)) => {
+                written += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Poll::Ready(Err(e)) => return Err(io_error(label, "writing", e)),
+            Poll::Pending => break,
+        }
+    }
+    Ok(written)
 }
 
 /// The write half of a length-prefixed stream.
@@ -153,9 +231,9 @@ pub(crate) struct StreamWriter<W> {
     io: W,
     label: Arc<str>,
     prefixes: Vec<[u8; PREFIX_LEN]>,
-    /// The rest of a frame a non-blocking write took only in part: it goes
-    /// out before anything else.
-    tail: BytesMut,
+    /// The wire bytes not yet written of frames a non-blocking write took
+    /// only in part: they go out before anything else.
+    unsent: BytesMut,
     /// Where a small write's prefixes and frames are gathered.
     gather: Vec<u8>,
 }
@@ -167,51 +245,45 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
             io,
             label,
             prefixes: Vec::new(),
-            tail: BytesMut::new(),
+            unsent: BytesMut::new(),
             gather: Vec::new(),
         }
     }
 
     /// Gathers `frames` with their prefixes into `self.gather` when they
     /// are small enough together; whether it did.
-    fn gather_small(&mut self, frames: &[Bytes]) -> bool {
-        let wire_len: usize = frames.iter().map(|f| PREFIX_LEN + f.len()).sum();
-        if wire_len > GATHER_MAX {
+    fn gather_small(&mut self, frames: &[Frame]) -> bool {
+        let total: usize = frames.iter().map(wire_len).sum();
+        if total > GATHER_MAX {
             return false;
         }
         self.gather.clear();
         for frame in frames {
-            // Fits: the frame is at most GATHER_MAX bytes.
-            self.gather
-                .extend_from_slice(&(frame.len() as u32).to_be_bytes());
-            self.gather.extend_from_slice(frame);
+            for part in wire_parts(&prefix_of(frame), frame) {
+                self.gather.extend_from_slice(part);
+            }
         }
         true
     }
 
-    async fn write_all_frames(&mut self, frames: &[Bytes]) -> Result<()> {
-        check_frame_sizes(&self.label, frames)?;
-        if !self.tail.is_empty() {
-            let tail = std::mem::take(&mut self.tail);
-            self.io
-                .write_all(&tail)
-                .await
-                .map_err(|e| io_error(&self.label, "writing", e))?;
-        }
-        if frames.is_empty() {
-            return Ok(());
-        }
-        if self.gather_small(frames) {
-            self.io
-                .write_all(&self.gather)
-                .await
-                .map_err(|e| io_error(&self.label, "writing", e))?;
-            return self
+    /// Writes the bytes kept from a frame taken in part, if any.
+    async fn write_unsent(&mut self) -> Result<()> {
+        while !self.unsent.is_empty() {
+            let n = self
                 .io
-                .flush()
+                .write(&self.unsent)
                 .await
-                .map_err(|e| io_error(&self.label, "flushing", e));
+                .map_err(|e| io_error(&self.label, "writing", e))?;
+            if n == 0 {
+                return Err(took_no_more(&self.label));
+            }
+            self.unsent.advance(n);
         }
+        Ok(())
+    }
+
+    /// Writes every slice of `frames` with vectored writes.
+    async fn write_all_vectored(&mut self, frames: &[Frame]) -> Result<()> {
         let StreamWriter {
             io,
             label,
@@ -226,104 +298,92 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
                 .await
                 .map_err(|e| io_error(label, "writing", e))?;
             if n == 0 {
-                return Err(Error::network(format!(
-                    "{label}: connection took no more bytes"
-                )));
+                return Err(took_no_more(label));
             }
             IoSlice::advance_slices(&mut rest, n);
         }
-        io.flush().await.map_err(|e| io_error(label, "flushing", e))
+        Ok(())
     }
 
-    /// Writes what the stream takes now of `frames` (after any tail),
-    /// without waiting; returns how many frames it took. A frame taken in
-    /// part counts as taken: its rest waits in `tail`. Small writes are
-    /// gathered and taken all or none: what the stream leaves of them
-    /// waits in `tail` too.
-    fn try_write_now(&mut self, frames: &[Bytes]) -> Result<usize> {
+    /// Writes what is unsent, then `frames`, waiting as long as it takes.
+    async fn write_all_frames(&mut self, frames: &[Frame]) -> Result<()> {
+        check_frame_sizes(&self.label, frames)?;
+        self.write_unsent().await?;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        if self.gather_small(frames) {
+            self.io
+                .write_all(&self.gather)
+                .await
+                .map_err(|e| io_error(&self.label, "writing", e))?;
+        } else {
+            self.write_all_vectored(frames).await?;
+        }
+        self.io
+            .flush()
+            .await
+            .map_err(|e| io_error(&self.label, "flushing", e))
+    }
+
+    /// Writes what the stream takes now of `frames` (after anything
+    /// unsent), without waiting; returns how many frames it took. A frame
+    /// taken in part counts as taken: its rest waits in `unsent`. Small
+    /// writes are gathered and taken all or none: what the stream leaves
+    /// of them waits in `unsent` too.
+    fn try_write_now(&mut self, frames: &[Frame]) -> Result<usize> {
         check_frame_sizes(&self.label, frames)?;
         let mut cx = Context::from_waker(Waker::noop());
-        while !self.tail.is_empty() {
-            match Pin::new(&mut self.io).poll_write(&mut cx, &self.tail) {
-                Poll::Ready(Ok(0)) => {
-                    return Err(Error::network(format!(
-                        "{}: connection took no more bytes",
-                        self.label
-                    )));
-                }
-                Poll::Ready(Ok(n)) => self.tail.advance(n),
-                Poll::Ready(Err(e)) => return Err(io_error(&self.label, "writing", e)),
-                Poll::Pending => return Ok(0),
-            }
-        }
-        if frames.is_empty() {
+        if !self.try_write_unsent(&mut cx)? || frames.is_empty() {
             return Ok(0);
         }
         if self.gather_small(frames) {
-            return match Pin::new(&mut self.io).poll_write(&mut cx, &self.gather) {
-                Poll::Ready(Ok(0)) => Err(Error::network(format!(
-                    "{}: connection took no more bytes",
-                    self.label
-                ))),
-                Poll::Ready(Ok(n)) => {
-                    // What the stream did not take goes out first next time.
-                    self.tail.extend_from_slice(&self.gather[n..]);
-                    Ok(frames.len())
-                }
-                Poll::Ready(Err(e)) => Err(io_error(&self.label, "writing", e)),
-                Poll::Pending => Ok(0),
-            };
+            return self.try_write_gathered(&mut cx, frames.len());
         }
+        self.try_write_vectored(&mut cx, frames)
+    }
+
+    /// Writes what the stream takes now of the unsent bytes; whether it
+    /// took them all.
+    fn try_write_unsent(&mut self, cx: &mut Context<'_>) -> Result<bool> {
+        while !self.unsent.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.unsent) {
+                Poll::Ready(Ok(0)) => return Err(took_no_more(&self.label)),
+                Poll::Ready(Ok(n)) => self.unsent.advance(n),
+                Poll::Ready(Err(e)) => return Err(io_error(&self.label, "writing", e)),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Offers the gathered `count` frames in one write: all are taken if
+    /// the stream takes any byte, and what it leaves waits in `unsent`.
+    fn try_write_gathered(&mut self, cx: &mut Context<'_>, count: usize) -> Result<usize> {
+        match Pin::new(&mut self.io).poll_write(cx, &self.gather) {
+            Poll::Ready(Ok(0)) => Err(took_no_more(&self.label)),
+            Poll::Ready(Ok(n)) => {
+                self.unsent.extend_from_slice(&self.gather[n..]);
+                Ok(count)
+            }
+            Poll::Ready(Err(e)) => Err(io_error(&self.label, "writing", e)),
+            Poll::Pending => Ok(0),
+        }
+    }
+
+    /// Writes what the stream takes now of `frames` with vectored writes;
+    /// returns how many frames it took, a frame begun included.
+    fn try_write_vectored(&mut self, cx: &mut Context<'_>, frames: &[Frame]) -> Result<usize> {
         let StreamWriter {
             io,
             label,
             prefixes,
-            tail,
+            unsent,
             ..
         } = self;
         let mut slices = wire_slices(prefixes, frames);
-        let mut written = 0;
-        let mut rest: &mut [IoSlice<'_>] = &mut slices;
-        while !rest.is_empty() {
-            match Pin::new(&mut *io).poll_write_vectored(&mut cx, rest) {
-                Poll::Ready(Ok(0)) => {
-                    return Err(Error::network(format!(
-                        "{label}: connection took no more bytes"
-                    )));
-                }
-                Poll::Ready(Ok(n)) => {
-                    written += n;
-                    IoSlice::advance_slices(&mut rest, n);
-                }
-                Poll::Ready(Err(e)) => return Err(io_error(label, "writing", e)),
-                Poll::Pending => break,
-            }
-        }
-        if rest.is_empty() {
-            return Ok(frames.len());
-        }
-        // Whole frames written, then perhaps one begun: keep what is left
-        // of it.
-        let mut at = 0;
-        for (i, frame) in frames.iter().enumerate() {
-            let end = at + PREFIX_LEN + frame.len();
-            if written < end {
-                if written == at {
-                    return Ok(i);
-                }
-                let done = written - at;
-                tail.clear();
-                if done < PREFIX_LEN {
-                    tail.extend_from_slice(&prefixes[i][done..]);
-                    tail.extend_from_slice(frame);
-                } else {
-                    tail.extend_from_slice(&frame[done - PREFIX_LEN..]);
-                }
-                return Ok(i + 1);
-            }
-            at = end;
-        }
-        Ok(frames.len())
+        let written = poll_write_slices(io, cx, &mut slices, label)?;
+        Ok(keep_rest_of_begun(unsent, frames, written))
     }
 
     async fn shutdown(&mut self) -> Result<()> {
@@ -337,7 +397,7 @@ impl<W: AsyncWrite + Unpin> StreamWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.write_all_frames(frames))
     }
 
@@ -345,12 +405,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamWriter<W> {
         true
     }
 
-    fn try_write_frames(&mut self, frames: &[Bytes]) -> Result<usize> {
+    fn try_write_frames(&mut self, frames: &[Frame]) -> Result<usize> {
         self.try_write_now(frames)
     }
 
     fn has_pending(&self) -> bool {
-        !self.tail.is_empty()
+        !self.unsent.is_empty()
     }
 
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
@@ -421,32 +481,27 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
+    use bytes::Bytes;
+
     use super::*;
 
-    /// A writer that takes at most `step` bytes per call, to exercise
-    /// partial vectored writes.
-    struct Trickle {
+    /// A stream that takes at most `step` bytes per write call (across
+    /// the slices of a vectored one) and `room` bytes in all; once `room`
+    /// is used up it answers `Pending` until `room` is raised.
+    struct Budget {
         out: Vec<u8>,
+        room: usize,
         step: usize,
     }
 
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.step);
-            self.out.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<std::io::Result<usize>> {
-            let mut left = self.step;
+    impl Budget {
+        fn take(&mut self, bufs: &[IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+            let mut left = self.room.min(self.step);
+            if left == 0 {
+                return Poll::Pending;
+            }
             let mut total = 0;
             for buf in bufs {
                 let n = buf.len().min(left);
@@ -457,7 +512,26 @@ mod tests {
                     break;
                 }
             }
+            self.room -= total;
             Poll::Ready(Ok(total))
+        }
+    }
+
+    impl AsyncWrite for Budget {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.take(&[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            self.take(bufs)
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -473,83 +547,268 @@ mod tests {
         }
     }
 
+    /// A writer over a [`Budget`] stream.
+    fn budget(room: usize, step: usize) -> StreamWriter<Budget> {
+        let io = Budget {
+            out: Vec::new(),
+            room,
+            step,
+        };
+        StreamWriter::new(io, "test".into())
+    }
+
+    /// `len` bytes that differ with `seed`.
+    fn pattern(seed: u8, len: usize) -> Bytes {
+        let base = seed.wrapping_mul(71);
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(base))
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// Frames without tails, of lengths cycling below `modulus`.
+    fn plain_frames(count: usize, factor: usize, modulus: usize) -> Vec<Frame> {
+        (0..count)
+            .map(|i| Bytes::from(vec![i as u8; (i * factor) % modulus]).into())
+            .collect()
+    }
+
+    /// Frames of every shape: head and tail, head only, an empty tail
+    /// given, tail only, empty; part lengths scaled by `scale`.
+    fn mixed_frames(scale: usize) -> Vec<Frame> {
+        let part = |seed: u8, len: usize| pattern(seed, len * scale);
+        vec![
+            Frame::with_tail(part(1, 5), part(2, 9)),
+            Frame::from(part(3, 12)),
+            Frame::with_tail(part(4, 6), Bytes::new()),
+            Frame::with_tail(Bytes::new(), part(5, 11)),
+            Frame::default(),
+            Frame::with_tail(part(6, 1), part(7, 1)),
+            Frame::with_tail(part(8, 3), part(9, 4)),
+        ]
+    }
+
+    /// A frame's bytes: its head, then its tail.
+    fn whole(frame: &Frame) -> Vec<u8> {
+        let mut bytes = frame.head().to_vec();
+        bytes.extend_from_slice(frame.tail());
+        bytes
+    }
+
+    /// What `frames` must look like on the wire.
+    fn encode(frames: &[Frame]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for frame in frames {
+            let bytes = whole(frame);
+            wire.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            wire.extend_from_slice(&bytes);
+        }
+        wire
+    }
+
+    /// Wire bytes of `frames`, prefixes included.
+    fn encoded_len(frames: &[Frame]) -> usize {
+        frames.iter().map(|f| PREFIX_LEN + f.len()).sum()
+    }
+
+    /// Checks `wire` is exactly `frames`, and that a reader returns each
+    /// whole, head and tail as one frame, then the end.
+    async fn assert_wire(wire: &[u8], frames: &[Frame], what: &str) {
+        assert!(wire == encode(frames), "{what}: wire bytes");
+        let mut reader = StreamReader::new(wire, "test".into());
+        for (i, frame) in frames.iter().enumerate() {
+            let got = reader.next_frame().await.expect("read").expect("frame");
+            assert_eq!(got[..], whole(frame)[..], "{what}: frame {i}");
+        }
+        assert!(reader.next_frame().await.expect("eof").is_none(), "{what}");
+    }
+
+    /// Where in a frame a write stopped.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    enum Stop {
+        /// Between two frames (or before the first, or after the last).
+        Boundary,
+        /// Inside a length prefix.
+        Prefix,
+        /// After the prefix, before the end of the head.
+        Head,
+        /// After the head, before the end of the tail.
+        Tail,
+    }
+
+    /// Where a write of `frames` that took `sent` wire bytes stopped.
+    fn stop_at(frames: &[Frame], sent: usize) -> Stop {
+        let mut at = 0;
+        for frame in frames {
+            if sent == at {
+                return Stop::Boundary;
+            }
+            let head_at = at + PREFIX_LEN;
+            let tail_at = head_at + frame.head().len();
+            let end = tail_at + frame.tail().len();
+            if sent < head_at {
+                return Stop::Prefix;
+            }
+            if sent < tail_at {
+                return Stop::Head;
+            }
+            if sent < end {
+                return Stop::Tail;
+            }
+            at = end;
+        }
+        Stop::Boundary
+    }
+
+    /// How many of `frames` the first `sent` wire bytes begin.
+    fn frames_begun(frames: &[Frame], sent: usize) -> usize {
+        let mut at = 0;
+        frames
+            .iter()
+            .take_while(|frame| {
+                let begun = at < sent;
+                at += PREFIX_LEN + frame.len();
+                begun
+            })
+            .count()
+    }
+
+    /// Offers `frames` without waiting to a stream that takes `room`
+    /// bytes, `step` at most per call; checks what it took and what it
+    /// kept, then lets the rest out (the kept bytes first, by
+    /// `write_frames(&[])` or by another try) and checks the whole wire.
+    /// Returns where the first write stopped.
+    async fn partial_then_rest(frames: &[Frame], room: usize, step: usize, by_try: bool) -> Stop {
+        let what = format!("room {room} step {step} by_try {by_try}");
+        let wire = encode(frames);
+        let gathered = wire.len() <= GATHER_MAX;
+        let mut writer = budget(room, step);
+        let taken = FrameWriter::try_write_frames(&mut writer, frames).expect("try");
+        // A gathered write is one call; a vectored one goes on until the
+        // stream is full.
+        let sent = match gathered {
+            true => room.min(step).min(wire.len()),
+            false => room.min(wire.len()),
+        };
+        assert!(writer.io.out == wire[..sent], "{what}: bytes written");
+        let expected_taken = match gathered {
+            true if sent > 0 => frames.len(),
+            true => 0,
+            false => frames_begun(frames, sent),
+        };
+        assert_eq!(taken, expected_taken, "{what}: frames taken");
+        let taken_end = encoded_len(&frames[..taken]);
+        assert_eq!(writer.has_pending(), sent < taken_end, "{what}: pending");
+        // Nothing more goes while the stream is full.
+        writer.io.room = 0;
+        let more = writer.try_write_now(&frames[taken..]).expect("try");
+        assert_eq!(more, 0, "{what}: taken while full");
+        assert_eq!(writer.io.out.len(), sent, "{what}: written while full");
+        writer.io.room = usize::MAX;
+        let mut taken = taken;
+        if by_try {
+            taken += writer.try_write_now(&frames[taken..]).expect("try again");
+        } else {
+            FrameWriter::write_frames(&mut writer, &[])
+                .await
+                .expect("flush");
+            assert!(!writer.has_pending(), "{what}: still pending");
+            assert!(writer.io.out == wire[..taken_end], "{what}: flushed rest");
+        }
+        writer
+            .write_all_frames(&frames[taken..])
+            .await
+            .expect("write");
+        assert!(!writer.has_pending(), "{what}: pending at the end");
+        assert_wire(&writer.io.out, frames, &what).await;
+        stop_at(frames, sent)
+    }
+
+    #[tokio::test]
+    async fn a_frame_taken_in_part_keeps_exactly_its_unwritten_rest() {
+        // Scale 1 is gathered, scale 100 (over 4 KiB) vectored.
+        for scale in [1, 100] {
+            let frames = mixed_frames(scale);
+            let total = encoded_len(&frames);
+            assert_eq!(total <= GATHER_MAX, scale == 1);
+            let mut stops = HashSet::new();
+            for room in 0..=total {
+                for step in [usize::MAX, 7] {
+                    for by_try in [false, true] {
+                        stops.insert(partial_then_rest(&frames, room, step, by_try).await);
+                    }
+                }
+            }
+            // Every place a write can stop was tried.
+            assert_eq!(stops.len(), 4, "scale {scale}: {stops:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_two_part_frame_is_one_frame_on_the_wire() {
+        let frame = Frame::with_tail(Bytes::from_static(b"head"), Bytes::from_static(b"tail!"));
+        let mut writer = budget(usize::MAX, usize::MAX);
+        FrameWriter::write_frames(&mut writer, std::slice::from_ref(&frame))
+            .await
+            .expect("write");
+        assert_eq!(writer.io.out, b"\0\0\0\x09headtail!");
+        let mut reader = StreamReader::new(&writer.io.out[..], "test".into());
+        let got = reader.next_frame().await.expect("read").expect("frame");
+        assert_eq!(&got[..], b"headtail!");
+        assert!(reader.next_frame().await.expect("eof").is_none());
+    }
+
+    #[tokio::test]
+    async fn mixed_batches_round_trip_through_write_frames() {
+        for scale in [1, 100] {
+            let frames = mixed_frames(scale);
+            for step in [1, 3, 4, 5, 7, 64, 1000, usize::MAX] {
+                let mut writer = budget(usize::MAX, step);
+                FrameWriter::write_frames(&mut writer, &frames)
+                    .await
+                    .expect("write");
+                assert_wire(
+                    &writer.io.out,
+                    &frames,
+                    &format!("scale {scale} step {step}"),
+                )
+                .await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn mixed_batches_round_trip_through_try_write_frames() {
+        for scale in [1, 100] {
+            let frames = mixed_frames(scale);
+            let mut writer = budget(usize::MAX, usize::MAX);
+            let taken = FrameWriter::try_write_frames(&mut writer, &frames).expect("try");
+            assert_eq!(taken, frames.len(), "scale {scale}");
+            assert!(!writer.has_pending(), "scale {scale}");
+            assert_wire(&writer.io.out, &frames, &format!("scale {scale}")).await;
+        }
+    }
+
     #[tokio::test]
     async fn partial_vectored_writes_keep_frames_whole() {
-        let frames: Vec<Bytes> = (0..50usize)
-            .map(|i| Bytes::from(vec![i as u8; (i * 37) % 300]))
-            .collect();
+        let frames = plain_frames(50, 37, 300);
         for step in [1, 3, 4, 5, 7, 64, 1000, 1 << 20] {
-            let mut writer = StreamWriter::new(
-                Trickle {
-                    out: Vec::new(),
-                    step,
-                },
-                "test".into(),
-            );
+            let mut writer = budget(usize::MAX, step);
             writer.write_all_frames(&frames).await.expect("write");
-            let wire = std::mem::take(&mut writer.io.out);
-            let mut reader = StreamReader::new(&wire[..], "test".into());
-            for frame in &frames {
-                let got = reader.next_frame().await.expect("read").expect("frame");
-                assert_eq!(&got[..], &frame[..], "step {step}");
-            }
-            assert!(reader.next_frame().await.expect("eof").is_none());
-        }
-    }
-
-    /// Takes at most `room` bytes, then answers `Pending` until `room` is
-    /// raised.
-    struct Choke {
-        out: Vec<u8>,
-        room: usize,
-    }
-
-    impl AsyncWrite for Choke {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.room);
-            if n == 0 {
-                return Poll::Pending;
-            }
-            self.room -= n;
-            self.out.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
+            assert_wire(&writer.io.out, &frames, &format!("step {step}")).await;
         }
     }
 
     #[tokio::test]
     async fn writes_without_waiting_take_whole_frames_and_finish_a_begun_one_first() {
-        let frames: Vec<Bytes> = (0..40usize)
-            .map(|i| Bytes::from(vec![i as u8; (i * 53) % 500]))
-            .collect();
+        let frames = plain_frames(40, 53, 500);
         for room in [0, 1, 3, 4, 5, 100, 517, 4000, 1 << 20] {
-            let mut writer = StreamWriter::new(
-                Choke {
-                    out: Vec::new(),
-                    room,
-                },
-                "test".into(),
-            );
+            let mut writer = budget(room, usize::MAX);
             // Half the frames without waiting, as far as the room goes.
             let taken = writer.try_write_now(&frames[..20]).expect("try");
-            let wire_taken: usize = frames[..taken].iter().map(|f| PREFIX_LEN + f.len()).sum();
-            assert!(writer.io.out.len() <= wire_taken, "room {room}");
+            assert!(writer.io.out.len() <= encoded_len(&frames[..taken]));
             if taken > 0 {
-                let before: usize = frames[..taken - 1]
-                    .iter()
-                    .map(|f| PREFIX_LEN + f.len())
-                    .sum();
+                let before = encoded_len(&frames[..taken - 1]);
                 assert!(writer.io.out.len() > before, "room {room}: took too many");
             }
             // A second try with no room takes nothing.
@@ -562,33 +821,19 @@ mod tests {
                 .write_all_frames(&frames[taken..])
                 .await
                 .expect("write");
-            let wire = std::mem::take(&mut writer.io.out);
-            let mut reader = StreamReader::new(&wire[..], "test".into());
-            for frame in &frames {
-                let got = reader.next_frame().await.expect("read").expect("frame");
-                assert_eq!(&got[..], &frame[..], "room {room}");
-            }
-            assert!(reader.next_frame().await.expect("eof").is_none());
+            assert_wire(&writer.io.out, &frames, &format!("room {room}")).await;
         }
     }
 
     #[tokio::test]
     async fn small_writes_go_out_in_one_write_and_a_stream_that_takes_part_keeps_the_rest() {
-        let frames: Vec<Bytes> = (0..12usize)
-            .map(|i| Bytes::from(vec![i as u8; (i * 29) % 90]))
-            .collect();
-        let wire_len: usize = frames.iter().map(|f| PREFIX_LEN + f.len()).sum();
+        let frames = plain_frames(12, 29, 90);
+        let wire_len = encoded_len(&frames);
         assert!(wire_len <= GATHER_MAX);
         for room in [0, 1, 3, 4, 5, 100, wire_len - 1, wire_len, 1 << 20] {
-            let mut writer = StreamWriter::new(
-                Choke {
-                    out: Vec::new(),
-                    room,
-                },
-                "test".into(),
-            );
+            let mut writer = budget(room, usize::MAX);
             let taken = writer.try_write_now(&frames[..6]).expect("try");
-            let first_len: usize = frames[..6].iter().map(|f| PREFIX_LEN + f.len()).sum();
+            let first_len = encoded_len(&frames[..6]);
             // All or nothing: anything the stream took counts every frame.
             assert_eq!(taken, if room == 0 { 0 } else { 6 }, "room {room}");
             let pending = taken > 0 && room < first_len;
@@ -604,14 +849,7 @@ mod tests {
                 .write_all_frames(&frames[taken..])
                 .await
                 .expect("write");
-            let wire = std::mem::take(&mut writer.io.out);
-            assert_eq!(wire.len(), wire_len);
-            let mut reader = StreamReader::new(&wire[..], "test".into());
-            for frame in &frames {
-                let got = reader.next_frame().await.expect("read").expect("frame");
-                assert_eq!(&got[..], &frame[..], "room {room}");
-            }
-            assert!(reader.next_frame().await.expect("eof").is_none());
+            assert_wire(&writer.io.out, &frames, &format!("room {room}")).await;
         }
     }
 
@@ -637,19 +875,30 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_write_is_refused_before_writing() {
-        let mut writer = StreamWriter::new(
-            Trickle {
-                out: Vec::new(),
-                step: 1 << 20,
-            },
-            "w".into(),
-        );
-        let frames = [
-            Bytes::from_static(b"ok"),
-            Bytes::from(vec![0u8; MAX_FRAME_SIZE + 1]),
+        let half = MAX_FRAME_SIZE / 2 + 1;
+        let too_big = [
+            Frame::from(Bytes::from(vec![0u8; MAX_FRAME_SIZE + 1])),
+            // Each part fits; the frame does not.
+            Frame::with_tail(Bytes::from(vec![1u8; half]), Bytes::from(vec![2u8; half])),
         ];
-        let err = writer.write_all_frames(&frames).await.expect_err("too big");
-        assert_eq!(err.kind(), ErrorKind::BadArg);
-        assert!(writer.io.out.is_empty());
+        for frame in too_big {
+            let frames = [Frame::from(&b"ok"[..]), frame];
+            let mut writer = budget(usize::MAX, usize::MAX);
+            let err = writer.write_all_frames(&frames).await.expect_err("too big");
+            assert_eq!(err.kind(), ErrorKind::BadArg);
+            let err = writer.try_write_now(&frames).expect_err("too big");
+            assert_eq!(err.kind(), ErrorKind::BadArg);
+            assert!(writer.io.out.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_of_the_maximum_in_two_parts_is_written() {
+        let half = MAX_FRAME_SIZE / 2;
+        let frame = Frame::with_tail(pattern(1, half), pattern(2, MAX_FRAME_SIZE - half));
+        let frames = [frame, Frame::from(&b"after"[..])];
+        let mut writer = budget(usize::MAX, 1 << 16);
+        writer.write_all_frames(&frames).await.expect("write");
+        assert_wire(&writer.io.out, &frames, "maximum").await;
     }
 }

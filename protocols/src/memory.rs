@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use flow::transport::{FrameReader, FrameWriter, FramedConn, Listener, Protocol};
+use flow::transport::{Frame, FrameReader, FrameWriter, FramedConn, Listener, Protocol};
 use flow::{Error, ErrorKind, Result};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -241,7 +241,7 @@ struct MemoryWriter {
 }
 
 impl MemoryWriter {
-    async fn send_all(&mut self, frames: &[Bytes]) -> Result<()> {
+    async fn send_all(&mut self, frames: &[Frame]) -> Result<()> {
         check_frame_sizes(&self.label, frames)?;
         let Some(tx) = &self.tx else {
             return Err(Error::bad_state(format!(
@@ -250,7 +250,7 @@ impl MemoryWriter {
             )));
         };
         for frame in frames {
-            tx.send(frame.clone())
+            tx.send(frame.to_bytes())
                 .await
                 .map_err(|_| Error::network(format!("{}: peer closed", self.label)))?;
         }
@@ -259,7 +259,7 @@ impl MemoryWriter {
 }
 
 impl FrameWriter for MemoryWriter {
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.send_all(frames))
     }
 

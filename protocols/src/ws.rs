@@ -26,8 +26,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use flow::transport::{FrameReader, FrameWriter, FramedConn, Listener, Protocol};
+use bytes::BytesMut;
+use flow::transport::{Frame, FrameReader, FrameWriter, FramedConn, Listener, Protocol};
 use flow::{Error, ErrorKind, Result};
 use futures::future::BoxFuture;
 use futures::stream::{SplitSink, SplitStream};
@@ -170,11 +170,12 @@ struct WsWriter<S> {
 }
 
 impl WsWriter<TcpStream> {
-    async fn send_all(&mut self, frames: &[Bytes]) -> Result<()> {
+    async fn send_all(&mut self, frames: &[Frame]) -> Result<()> {
         check_frame_sizes(&self.label, frames)?;
         for frame in frames {
+            // One message per frame: a frame with a tail is copied whole.
             self.sink
-                .feed(Message::Binary(frame.clone()))
+                .feed(Message::Binary(frame.to_bytes()))
                 .await
                 .map_err(|e| ws_error(&self.label, "writing", e))?;
         }
@@ -193,7 +194,7 @@ impl WsWriter<TcpStream> {
 }
 
 impl FrameWriter for WsWriter<TcpStream> {
-    fn write_frames<'a>(&'a mut self, frames: &'a [Bytes]) -> BoxFuture<'a, Result<()>> {
+    fn write_frames<'a>(&'a mut self, frames: &'a [Frame]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.send_all(frames))
     }
 

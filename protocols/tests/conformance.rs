@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use flow::ErrorKind;
-use flow::transport::{FrameReader, FrameWriter};
+use flow::transport::{Frame, FrameReader, FrameWriter};
 use flow_protocols::{MAX_FRAME_SIZE, Registry};
 
 /// Addresses are reported, the maximum is the crate's, and one frame goes
@@ -87,8 +87,8 @@ async fn many_frames_in_one_write(case: Case) {
     round_trip(&mut *aw, &mut *dr, &frames).await;
 }
 
-/// A frame over the maximum is refused before anything is written; the
-/// connection stays usable.
+/// A frame over the maximum, in one part or in two that each fit, is
+/// refused before anything is written; the connection stays usable.
 async fn oversized_write_refused(case: Case) {
     let registry = Registry::with_defaults();
     let Pair {
@@ -98,13 +98,87 @@ async fn oversized_write_refused(case: Case) {
     } = case.pair(&registry).await;
     let (_dr, mut dw) = (dialer.reader, dialer.writer);
     let (mut ar, _aw) = (acceptor.reader, acceptor.writer);
-    let frames = [
-        Bytes::from_static(b"first"),
-        Bytes::from(vec![7u8; MAX_FRAME_SIZE + 1]),
+    let half = MAX_FRAME_SIZE / 2 + 1;
+    let too_big = [
+        Frame::from(Bytes::from(vec![7u8; MAX_FRAME_SIZE + 1])),
+        Frame::with_tail(Bytes::from(vec![7u8; half]), Bytes::from(vec![8u8; half])),
     ];
-    let err = dw.write_frames(&frames).await.expect_err("too big");
-    assert_eq!(err.kind(), ErrorKind::BadArg);
+    for frame in too_big {
+        let frames = [Frame::from(&b"first"[..]), frame];
+        let err = dw.write_frames(&frames).await.expect_err("too big");
+        assert_eq!(err.kind(), ErrorKind::BadArg);
+    }
     round_trip(&mut *dw, &mut *ar, &[Bytes::from_static(b"after")]).await;
+}
+
+/// Frames of every shape: head and tail, head only, an empty tail given,
+/// tail only, empty, a large tail, the maximum in two parts. Every part
+/// says which it is.
+fn frames_of_every_shape() -> Vec<Frame> {
+    let half = MAX_FRAME_SIZE / 2;
+    vec![
+        Frame::with_tail(numbered(0, 16), numbered(1, 100)),
+        Frame::from(numbered(2, 50)),
+        Frame::with_tail(numbered(3, 10), Bytes::new()),
+        Frame::with_tail(Bytes::new(), numbered(4, 30)),
+        Frame::default(),
+        Frame::with_tail(numbered(5, 24), numbered(6, 64 * 1024)),
+        Frame::with_tail(numbered(7, 3), numbered(8, 5000)),
+        Frame::with_tail(numbered(9, half), numbered(10, MAX_FRAME_SIZE - half)),
+        Frame::with_tail(numbered(11, 7), numbered(12, 9)),
+    ]
+}
+
+/// Sends `frames` from `w` to `r`, first offering them without waiting
+/// when `w` takes frames so (the rest, and anything kept of a frame taken
+/// in part, then go by `write_frames`); checks each arrives as one frame,
+/// head then tail, in order.
+async fn round_trip_frames(
+    w: &mut dyn FrameWriter,
+    r: &mut dyn FrameReader,
+    frames: &[Frame],
+    try_first: bool,
+) {
+    let send = async {
+        let mut taken = 0;
+        if try_first && w.writes_without_waiting() {
+            taken = w.try_write_frames(frames).expect("try write");
+        }
+        // Writes what a try kept even when it took every frame.
+        write_frames(w, &frames[taken..]).await;
+        assert!(!w.has_pending(), "bytes left pending");
+    };
+    let (_, got) = tokio::join!(send, read_n(r, frames.len()));
+    for (i, (sent, got)) in frames.iter().zip(&got).enumerate() {
+        assert_eq!(sent.len(), got.len(), "frame {i} length");
+        assert!(joined(sent) == got[..], "frame {i} contents");
+    }
+}
+
+/// Frames with tails arrive whole (head then tail, as one frame) one per
+/// call and mixed in one call, in both directions, through `write_frames`
+/// and through `try_write_frames`.
+async fn frames_with_tails_arrive_whole(case: Case) {
+    let registry = Registry::with_defaults();
+    let Pair {
+        listener: _listener,
+        dialer,
+        acceptor,
+    } = case.pair(&registry).await;
+    let (mut dr, mut dw) = (dialer.reader, dialer.writer);
+    let (mut ar, mut aw) = (acceptor.reader, acceptor.writer);
+    let frames = frames_of_every_shape();
+    for frame in &frames {
+        let one = std::slice::from_ref(frame);
+        round_trip_frames(&mut *dw, &mut *ar, one, false).await;
+        round_trip_frames(&mut *aw, &mut *dr, one, false).await;
+    }
+    for try_first in [false, true] {
+        round_trip_frames(&mut *dw, &mut *ar, &frames, try_first).await;
+        round_trip_frames(&mut *aw, &mut *dr, &frames, try_first).await;
+        round_trip_frames(&mut *dw, &mut *ar, &frames[..5], try_first).await;
+        round_trip_frames(&mut *aw, &mut *dr, &frames[..5], try_first).await;
+    }
 }
 
 /// Sends `total` bytes in frames of mixed sizes, in batches of varying
@@ -330,7 +404,8 @@ macro_rules! conformance {
             }
 
             conformance!(@tests dial_listen_accept, edge_sizes, many_frames_in_one_write,
-                oversized_write_refused, big_transfer_both_ways, close_by_dialer_is_seen,
+                oversized_write_refused, frames_with_tails_arrive_whole,
+                big_transfer_both_ways, close_by_dialer_is_seen,
                 close_by_acceptor_is_seen, concurrent_dials, close_fails_pending_accept,
                 dial_after_close_fails);
         }

@@ -568,7 +568,7 @@ impl RawPeer {
 
 async fn write_frame(io: &mut RawIo, frame: Bytes) -> Result<()> {
     match io {
-        RawIo::Framed(_, w) => w.write_frames(&[frame]).await,
+        RawIo::Framed(_, w) => w.write_frames(&[frame.into()]).await,
         RawIo::Stream(s) => {
             let len = u32::try_from(frame.len()).expect("frame length");
             let mut out = Vec::with_capacity(PREFIX_LEN + frame.len());

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flow::transport::{FrameReader, FrameWriter, FramedConn, Listener};
+use flow::transport::{Frame, FrameReader, FrameWriter, FramedConn, Listener};
 use flow_protocols::{MAX_FRAME_SIZE, Registry};
 
 /// Generous bound for anything that should happen promptly on loopback.
@@ -220,6 +220,13 @@ pub fn numbered(index: usize, len: usize) -> Bytes {
     Bytes::from(data)
 }
 
+/// A frame's bytes as the reader must see them: head, then tail.
+pub fn joined(frame: &Frame) -> Vec<u8> {
+    let mut bytes = frame.head().to_vec();
+    bytes.extend_from_slice(frame.tail());
+    bytes
+}
+
 /// An order-sensitive checksum of a sequence of frames.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Checksum {
@@ -272,8 +279,15 @@ pub async fn expect_end(reader: &mut dyn FrameReader) {
     }
 }
 
-/// Writes `frames` in one call, failing the test on error.
+/// Writes `frames` (each a frame without a tail) in one call, failing the
+/// test on error.
 pub async fn write(writer: &mut dyn FrameWriter, frames: &[Bytes]) {
+    let frames: Vec<Frame> = frames.iter().cloned().map(Frame::from).collect();
+    write_frames(writer, &frames).await;
+}
+
+/// Writes `frames` in one call, failing the test on error.
+pub async fn write_frames(writer: &mut dyn FrameWriter, frames: &[Frame]) {
     tokio::time::timeout(PROMPT, writer.write_frames(frames))
         .await
         .expect("write in time")
