@@ -9,7 +9,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use flow::auth::AllowEveryone;
 use flow::conn::{Flow, FlowReader, FlowWriter, MessageSender};
 use flow::naming::Endpoint;

@@ -982,7 +982,7 @@ impl Transmitter {
                 Some(len)
             }
             Some(frame) => {
-                let len = body.len();
+                let len = body.len() + frame.tail.len();
                 arena.unsplit(body);
                 self.built
                     .push((arena.split(), frame.encrypted_len, frame.tail));
