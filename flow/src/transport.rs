@@ -47,6 +47,7 @@ pub trait FrameSink: Send + Sync + 'static {
 /// A frame to write: a head and a tail that follows it on the wire, as
 /// one frame. The tail lets a frame carry a payload held elsewhere (a
 /// message being relayed, say) without copying it next to the head.
+/// Equality compares the parts, not only the bytes they make together.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frame {
     head: Bytes,
@@ -84,11 +85,14 @@ impl Frame {
         [&self.head, &self.tail]
     }
 
-    /// The frame as one buffer: the head itself when there is no tail,
-    /// else a copy of both.
+    /// The frame as one buffer: one part itself when the other is
+    /// empty, else a copy of both.
     pub fn to_bytes(&self) -> Bytes {
         if self.tail.is_empty() {
             return self.head.clone();
+        }
+        if self.head.is_empty() {
+            return self.tail.clone();
         }
         let mut whole = BytesMut::with_capacity(self.len());
         whole.extend_from_slice(&self.head);

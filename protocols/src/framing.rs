@@ -33,15 +33,6 @@ const READ_CHUNK: usize = 128 * 1024;
 /// allocation per frame costs far more than the copy.
 const COPY_MAX: usize = 4 * 1024;
 
-/// Small frames after which a run of large frames is over (see
-/// [`StreamReader::read_limit`]).
-const RUN_BREAK: usize = 16;
-
-/// Room a read in a run of large frames leaves for a small frame before
-/// the next large one (a release or a health check between data frames),
-/// so the large one still fits the allocation it started in.
-const RUN_SLACK: usize = PREFIX_LEN + COPY_MAX;
-
 /// Writes up to this many bytes on the wire (prefixes included) are
 /// copied into one buffer and sent with a plain write: for small frames
 /// the copy costs less than the kernel's vectored-write path.
@@ -90,14 +81,6 @@ pub(crate) struct StreamReader<R> {
     io: R,
     buf: BytesMut,
     label: Arc<str>,
-    /// The length of the last frame too large to copy, while such frames
-    /// keep coming (small ones may come between them): reads then stop
-    /// where such a frame would end, so each is handed out in an
-    /// allocation of its own (see [`StreamReader::read_limit`]).
-    large_run: Option<usize>,
-    /// Small frames read since the last large one; a run ends after
-    /// [`RUN_BREAK`] of them.
-    small_since_large: usize,
 }
 
 impl<R: AsyncRead + Unpin> StreamReader<R> {
@@ -109,13 +92,7 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
 
     /// A reader over `io` whose first bytes were already read into `buf`.
     pub(crate) fn with_buffered(io: R, buf: BytesMut, label: Arc<str>) -> Self {
-        StreamReader {
-            io,
-            buf,
-            label,
-            large_run: None,
-            small_since_large: 0,
-        }
+        StreamReader { io, buf, label }
     }
 
     async fn next_frame(&mut self) -> Result<Option<BytesMut>> {
@@ -132,24 +109,24 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                 }
                 let total = PREFIX_LEN + len;
                 if self.buf.len() >= total {
-                    return Ok(Some(self.take_frame(len)));
+                    self.buf.advance(PREFIX_LEN);
+                    if len <= COPY_MAX {
+                        let frame = BytesMut::from(&self.buf[..len]);
+                        self.buf.advance(len);
+                        return Ok(Some(frame));
+                    }
+                    return Ok(Some(self.buf.split_to(len)));
                 }
-                Some(len)
+                total - self.buf.len()
             } else {
-                None
+                PREFIX_LEN - self.buf.len()
             };
-            let (limit, room) = self.read_limit(wanted);
-            self.buf.reserve(room);
-            let read = match limit {
-                Some(limit) => {
-                    (&mut self.io)
-                        .take(limit as u64)
-                        .read_buf(&mut self.buf)
-                        .await
-                }
-                None => self.io.read_buf(&mut self.buf).await,
-            };
-            let n = read.map_err(|e| io_error(&self.label, "reading", e))?;
+            self.buf.reserve(wanted.max(READ_CHUNK));
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io_error(&self.label, "reading", e))?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
@@ -160,57 +137,6 @@ impl<R: AsyncRead + Unpin> StreamReader<R> {
                     self.buf.len()
                 )));
             }
-        }
-    }
-}
-
-impl<R> StreamReader<R> {
-    /// Hands out the frame of `len` bytes at the front of the buffer
-    /// (after its prefix). A small one is copied out, leaving the buffer
-    /// to the next reads; a large one is split off, and when it ends the
-    /// buffer the reader lets go of the allocation, so the frame owns it
-    /// alone (its receiver can reuse it in place, as a proxied
-    /// connection's end decrypting the frame it carried).
-    fn take_frame(&mut self, len: usize) -> BytesMut {
-        self.buf.advance(PREFIX_LEN);
-        if len <= COPY_MAX {
-            self.small_since_large += 1;
-            if self.small_since_large >= RUN_BREAK {
-                self.large_run = None;
-            }
-            let frame = BytesMut::from(&self.buf[..len]);
-            self.buf.advance(len);
-            return frame;
-        }
-        self.large_run = Some(len);
-        self.small_since_large = 0;
-        let frame = self.buf.split_to(len);
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-        frame
-    }
-
-    /// How many bytes the next read may take, given the length of the
-    /// frame at the front if its prefix is in (`None`: no limit, a large
-    /// read), and how much room to make for it. A large frame is read up
-    /// to its end and no further; in a run of large frames, a frame whose
-    /// prefix is not in yet is read with as much as one like the last
-    /// needs, in a buffer with room for a small frame before it. So in a
-    /// run each read ends where a frame does, and every large frame gets
-    /// an allocation of its own, not shared with the next.
-    fn read_limit(&self, frame_len: Option<usize>) -> (Option<usize>, usize) {
-        let have = self.buf.len();
-        match (frame_len, self.large_run) {
-            (Some(len), _) if len > COPY_MAX => {
-                let rest = PREFIX_LEN + len - have;
-                (Some(rest), rest)
-            }
-            (None, Some(last)) => {
-                let rest = PREFIX_LEN + last - have;
-                (Some(rest), rest + RUN_SLACK)
-            }
-            _ => (None, READ_CHUNK),
         }
     }
 }
@@ -816,35 +742,6 @@ mod tests {
             // Every place a write can stop was tried.
             assert_eq!(stops.len(), 4, "scale {scale}: {stops:?}");
         }
-    }
-
-    #[tokio::test]
-    async fn in_a_run_of_large_frames_each_owns_its_allocation() {
-        // As a full socket would hand them over: ten 20 KB frames, a
-        // small one, five of 30 KB, all available at once.
-        let mut sizes = vec![20_000; 10];
-        sizes.push(100);
-        sizes.extend([30_000; 5]);
-        let mut wire = Vec::new();
-        for (i, &len) in sizes.iter().enumerate() {
-            wire.extend_from_slice(&(len as u32).to_be_bytes());
-            wire.extend(std::iter::repeat_n(i as u8, len));
-        }
-        let mut reader = StreamReader::new(&wire[..], "test".into());
-        let mut owned = Vec::new();
-        for (i, &len) in sizes.iter().enumerate() {
-            let frame = reader.next_frame().await.expect("read").expect("frame");
-            assert_eq!(frame.len(), len);
-            assert!(frame.iter().all(|&b| b == i as u8), "frame {i}");
-            // Dropped before the next read, as a receiver that is done
-            // with it would.
-            owned.push(frame.freeze().is_unique());
-        }
-        assert!(reader.next_frame().await.expect("eof").is_none());
-        // The first read takes what a large read gets (several frames
-        // sharing it); from then on reads end where frames do. (The small
-        // frame is copied out, so it owns its allocation too.)
-        assert!(owned[7..].iter().all(|&o| o), "{owned:?}");
     }
 
     #[tokio::test]

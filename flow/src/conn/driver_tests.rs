@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::test_pipe::{holding_pipe, pipe, pipe_with, refusable_pipe};
+use super::test_pipe::{holding_pipe, pipe, pipe_with, refusable_pipe, tail_recording_pipe};
 use super::*;
 use crate::auth::{AllowEveryone, AuthorizedPeer, PatternAuthorizer, PeerAuthorizer, PeerInfo};
 use crate::naming::{Endpoint, RoutingId};
@@ -798,6 +798,13 @@ async fn writers_seal_no_more_than_a_batch_ahead_of_a_full_transport() {
     }
 }
 
+/// Retries `send` (a `MessageSender` call) until the flow has the credit.
+async fn send_when_credit(send: impl Fn() -> Result<bool>) {
+    while !send().unwrap() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test]
 async fn messages_sent_from_their_own_buffers_arrive_whole_and_in_order() {
     // Over a transport the writing task sends through and one only the
@@ -829,12 +836,76 @@ async fn messages_sent_from_their_own_buffers_arrive_whole_and_in_order() {
             for msg in &sent {
                 // Refused while credit is short: retry once the reader
                 // has caught up.
-                while !sender.try_send_bytes(msg).unwrap() {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+                send_when_credit(|| sender.try_send_bytes(msg)).await;
             }
             let got = within(reading).await.unwrap();
             assert_eq!(got, sent, "inline {inline}, passthrough {passthrough}");
         }
     }
+}
+
+#[tokio::test]
+async fn only_big_messages_on_passthrough_flows_go_out_from_the_buffer_they_came_in() {
+    for inline in [true, false] {
+        let (a, b, tails) = tail_recording_pipe(inline);
+        let (dialer, acceptor) = pair_over((a, b)).await;
+        let mut plain = dialer.open_flow(FlowOptions::default()).unwrap();
+        let mut through = dialer.open_flow(FlowOptions::default()).unwrap();
+        for flow in [&mut plain, &mut through] {
+            flow.disable_fragmentation().unwrap();
+            flow.write_msg(&[b"open"]).await.unwrap();
+        }
+        let mut plain_in = within(acceptor.accept_flow()).await.unwrap();
+        let mut through_in = within(acceptor.accept_flow()).await.unwrap();
+        for flow in [&mut plain_in, &mut through_in] {
+            assert_eq!(&flow.read_msg().await.unwrap().unwrap()[..], b"open");
+        }
+        through.set_passthrough().unwrap();
+        let big = bytes::Bytes::from(vec![1u8; 20_000]);
+        let small = bytes::Bytes::from(vec![2u8; 10_000]);
+        let copied = bytes::Bytes::from(vec![3u8; 20_000]);
+        let sealed = bytes::Bytes::from(vec![4u8; 20_000]);
+        let sender = through.sender().unwrap();
+        // (Until the peer's first grant arrives, a send may find no credit.)
+        within(send_when_credit(|| sender.try_send_bytes(&big))).await;
+        within(send_when_credit(|| sender.try_send_bytes(&small))).await;
+        within(send_when_credit(|| sender.try_send(&copied))).await;
+        plain.write_bytes(&sealed).await.unwrap();
+        for want in [&big, &small, &copied] {
+            assert_eq!(&through_in.read_msg().await.unwrap().unwrap(), want);
+        }
+        assert_eq!(&plain_in.read_msg().await.unwrap().unwrap(), &sealed);
+        // Only the big one handed over as Bytes to the passthrough flow
+        // went out as a frame's tail, and from its own buffer.
+        let tails = tails.lock();
+        assert_eq!(tails.len(), 1, "inline {inline}");
+        assert_eq!(tails[0].as_ptr(), big.as_ptr());
+        assert_eq!(tails[0].len(), big.len());
+    }
+}
+
+#[tokio::test]
+async fn a_message_written_from_its_buffer_beyond_the_credit_arrives_once() {
+    // A flow that splits messages, and one message four windows long:
+    // it goes in pieces as credit comes back.
+    let (dialer, acceptor) = pair().await;
+    let mut flow = dialer.open_flow(FlowOptions::default()).unwrap();
+    flow.write_msg(&[b"open"]).await.unwrap();
+    let mut accepted = within(acceptor.accept_flow()).await.unwrap();
+    let window = crate::conn::ConnConfig::default().initial_window as usize;
+    let msg = bytes::Bytes::from((0..4 * window).map(|i| i as u8).collect::<Vec<u8>>());
+    let reading = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 4 + 4 * window {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = accepted.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the flow ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    within(flow.write_bytes(&msg)).await.unwrap();
+    let got = within(reading).await.unwrap();
+    assert_eq!(&got[..4], b"open");
+    assert!(got[4..] == msg[..], "the message arrived altered");
 }

@@ -167,6 +167,11 @@ impl Flow {
         self.writer.write_msg_and_close(bufs).await
     }
 
+    /// See [`FlowWriter::write_bytes`].
+    pub async fn write_bytes(&mut self, msg: &Bytes) -> Result<()> {
+        self.writer.write_bytes(msg).await
+    }
+
     /// See [`FlowWriter::sender`].
     pub fn sender(&self) -> Result<MessageSender> {
         self.writer.sender()
@@ -367,9 +372,9 @@ impl MessageSender {
     }
 
     /// As [`MessageSender::try_send`], for a message already in a
-    /// [`Bytes`]: the flow holds on to it instead of copying it, and a
-    /// large one on a passthrough flow goes out from it as it is (a relayed
-    /// message, say, sent without a copy).
+    /// [`Bytes`]: a big one (16 KiB or more) on a passthrough flow is
+    /// queued as it is and goes out from it, uncopied (a relayed message,
+    /// say); others are copied as usual.
     pub fn try_send_bytes(&self, msg: &Bytes) -> Result<bool> {
         try_send_whole(&self.inner, msg, Some(msg))
     }
@@ -431,8 +436,8 @@ impl FlowWriter {
     }
 
     /// As [`FlowWriter::write_msg`] for one message already in a
-    /// [`Bytes`]: the flow holds on to it instead of copying it where it
-    /// can (see [`MessageSender::try_send_bytes`]).
+    /// [`Bytes`], sent from it uncopied where
+    /// [`MessageSender::try_send_bytes`] would be.
     pub async fn write_bytes(&mut self, msg: &Bytes) -> Result<()> {
         let written = poll_fn(|cx| {
             if let Err(e) = self.timer.check(&self.inner, cx) {
@@ -518,7 +523,9 @@ fn poll_queue_bufs(
             return state.poll_write(cx, inner.id, bufs);
         }
         let n = ready!(state.reserve_write(cx, inner.id, total))?;
-        if let Some(msg) = held.filter(|msg| n > 0 && msg.len() == n) {
+        if let Some(msg) =
+            held.filter(|msg| n > 0 && msg.len() == n && state.keeps_held(inner.id, n))
+        {
             state.commit_write(inner.id, Chunk::Held(msg.clone()));
             return Poll::Ready(Ok(n));
         }

@@ -87,6 +87,12 @@ const MAX_SPARE_BUFFERS: usize = 32;
 /// A chunk at least this long goes out as a frame of its own, encrypted in
 /// place, rather than being copied into a shared frame.
 pub(crate) const ZERO_COPY_MIN: usize = 8 * 1024;
+/// A message handed over as `Bytes` at least this long may be queued as
+/// it is on a passthrough flow ([`ConnState::keeps_held`]). It keeps alive
+/// the buffer it arrived in: with received payloads small against their
+/// frame copied ([`detach`]) and a transport's reads of 128 KiB, at most
+/// about 16 times its size.
+pub(crate) const HOLD_MIN: usize = 16 * 1024;
 /// A received payload smaller than 1/`COPY_RATIO` of its frame is copied out
 /// so it does not pin the whole frame in memory.
 const COPY_RATIO: usize = 8;
@@ -1147,8 +1153,12 @@ impl ConnState {
             if n > 0 {
                 // Its credit goes back now, or once the sink takes it
                 // (`sink_took`).
-                self.sink_items
-                    .push(SinkItem::Data(id, payload, credit_on_arrival));
+                // A sink may keep it (a relay queues it on another flow).
+                self.sink_items.push(SinkItem::Data(
+                    id,
+                    detach(payload, frame_len),
+                    credit_on_arrival,
+                ));
                 if credit_on_arrival {
                     self.consumed(id, n, || now);
                 }
@@ -1680,6 +1690,16 @@ impl ConnState {
             .map(|(d, _)| d.clone())
             .unwrap_or_default();
         (blessings, discharges)
+    }
+
+    /// Whether a message of `len` bytes handed over as `Bytes` is queued
+    /// on flow `id` as it is ([`Chunk::Held`]) rather than copied: only a
+    /// big one on a passthrough flow, which goes out as its frame's clear
+    /// tail (a smaller one is copied into its frame anyway, and an
+    /// encrypted one is copied to be sealed).
+    pub(crate) fn keeps_held(&self, id: FlowId, len: usize) -> bool {
+        let id = self.resolve(id);
+        len >= HOLD_MIN && self.flows.get(&id).is_some_and(|e| e.passthrough)
     }
 
     /// Whether flow `id` keeps each write whole (fragmentation disabled).

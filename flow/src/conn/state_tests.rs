@@ -1376,3 +1376,33 @@ fn held_payloads_of_encrypted_flows_are_sealed_with_their_frame() {
     want.extend_from_slice(&small);
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_sink_is_handed_a_small_payload_apart_from_its_big_frame() {
+    let mut p = Pair::new();
+    let (f, g) = open_whole_flow(&mut p, b"x");
+    let (other, other_in) = open_whole_flow(&mut p, b"y");
+    p.b.attach_sink(g, false, || p.now).unwrap();
+    p.pump();
+    // One frame: 6,000 bytes for a flow without a sink, then 100 for the
+    // sink's (which may keep it long after, as a relay does).
+    write_all(&mut p.a, other, &[5u8; 6_000]);
+    write_all(&mut p.a, f, &[6u8; 100]);
+    let mut buf = BytesMut::new();
+    let built = p.a.build_frame(p.now, &mut buf).unwrap();
+    assert!(built.own_buffer.is_none());
+    let frame = buf.freeze();
+    let range = frame.as_ptr_range();
+    p.b.handle_frame(p.now, frame.clone(), built.encrypted_len)
+        .unwrap();
+    let items = p.b.take_sink_items();
+    let [SinkItem::Data(id, data, _)] = &items[..] else {
+        panic!("expected one message for the sink: {items:?}");
+    };
+    assert_eq!(*id, g);
+    assert_eq!(&data[..], &[6u8; 100]);
+    // A copy: it does not keep the frame's 6 KB alive.
+    assert!(!range.contains(&data.as_ptr()));
+    // The big payload stays a slice of the frame.
+    assert_eq!(read_all(&mut p.b, other_in).0.len(), 6_000);
+}

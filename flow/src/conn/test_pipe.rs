@@ -21,7 +21,12 @@ pub(crate) struct PipeEnd {
     /// Whether `try_write_frames` keeps what it takes for the next
     /// `write_frames` (as a stream transport keeps a frame taken in part).
     holds_taken: bool,
+    /// The tails of the frames written (see [`tail_recording_pipe`]).
+    tails: Tails,
 }
+
+/// The tails of frames written through a pipe, as given to it.
+pub(crate) type Tails = Arc<parking_lot::Mutex<Vec<Bytes>>>;
 
 /// Two connected ends.
 pub(crate) fn pipe() -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
@@ -48,6 +53,17 @@ pub(crate) fn holding_pipe() -> (Box<dyn FramedConn>, Box<dyn FramedConn>) {
     (Box::new(a), Box::new(b))
 }
 
+/// Like [`pipe_with`], plus the tails of every frame either end writes
+/// (to see which payloads went out from the buffer they were handed over
+/// in).
+pub(crate) fn tail_recording_pipe(
+    writes_without_waiting: bool,
+) -> (Box<dyn FramedConn>, Box<dyn FramedConn>, Tails) {
+    let (a, b, _) = ends(64, writes_without_waiting);
+    let tails = a.tails.clone();
+    (Box::new(a), Box::new(b), tails)
+}
+
 /// Like [`pipe_with`], plus a switch that makes both ends' non-blocking
 /// writes take nothing while it is on.
 pub(crate) fn refusable_pipe(
@@ -63,6 +79,7 @@ fn ends(capacity: usize, writes_without_waiting: bool) -> (PipeEnd, PipeEnd, Arc
     let (a_tx, a_rx) = mpsc::channel(capacity);
     let (b_tx, b_rx) = mpsc::channel(capacity);
     let refusing = Arc::new(AtomicBool::new(false));
+    let tails = Tails::default();
     let end = |tx, rx, name| PipeEnd {
         tx,
         rx,
@@ -70,6 +87,7 @@ fn ends(capacity: usize, writes_without_waiting: bool) -> (PipeEnd, PipeEnd, Arc
         writes_without_waiting,
         refusing: refusing.clone(),
         holds_taken: false,
+        tails: tails.clone(),
     };
     (end(a_tx, b_rx, "a"), end(b_tx, a_rx, "b"), refusing.clone())
 }
@@ -82,6 +100,17 @@ struct PipeWriter {
     holds_taken: bool,
     /// Frames taken but not yet sent (with `holds_taken`).
     held: Vec<Frame>,
+    tails: Tails,
+}
+
+impl PipeWriter {
+    /// The frame as the peer reads it; its tail, if any, recorded.
+    fn wire(&self, frame: &Frame) -> Bytes {
+        if !frame.tail().is_empty() {
+            self.tails.lock().push(frame.tail().clone());
+        }
+        frame.to_bytes()
+    }
 }
 
 impl FrameReader for PipeReader {
@@ -97,7 +126,7 @@ impl FrameWriter for PipeWriter {
                 return Err(Error::network("pipe closed"));
             };
             for f in std::mem::take(&mut self.held).iter().chain(frames) {
-                tx.send(f.to_bytes())
+                tx.send(self.wire(f))
                     .await
                     .map_err(|_| Error::network("pipe closed"))?;
             }
@@ -121,7 +150,7 @@ impl FrameWriter for PipeWriter {
             return Ok(frames.len());
         }
         for (taken, f) in frames.iter().enumerate() {
-            match tx.try_send(f.to_bytes()) {
+            match tx.try_send(self.wire(f)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => return Ok(taken),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -152,6 +181,7 @@ impl FramedConn for PipeEnd {
                 refusing: self.refusing,
                 holds_taken: self.holds_taken,
                 held: Vec::new(),
+                tails: self.tails,
             }),
         )
     }
