@@ -18,7 +18,8 @@ use super::flow::{Delivery, MessageSink};
 use super::handshake::{Acceptor, Dialer, DialerStep, HandshakeDone, HandshakeParams};
 use super::noise_dh::PreparedKey;
 use super::state::{
-    BuiltFrame, ConnState, ConnStats, FlowId, FlowMap, FlowOptions, SinkItem, ZERO_COPY_MIN,
+    BuiltFrame, ConnState, ConnStats, FlowId, FlowMap, FlowOptions, SinkItem, SinkItems,
+    ZERO_COPY_MIN,
 };
 use crate::auth::AuthorizedPeer;
 use crate::naming::Endpoint;
@@ -611,7 +612,7 @@ impl Shared {
 
     /// Hands `items` to their flows' sinks, in order, and returns the
     /// credit of what they took.
-    fn deliver_to_sinks(&self, items: Vec<SinkItem>) {
+    fn deliver_to_sinks(&self, items: SinkItems) {
         let mut credit = SinkCredit::default();
         for item in items {
             match item {

@@ -253,6 +253,43 @@ pub enum SinkItem {
     End(FlowId),
 }
 
+/// [`SinkItem`]s of one frame, in order: usually one, kept without an
+/// allocation.
+#[derive(Debug, Default)]
+pub struct SinkItems {
+    first: Option<SinkItem>,
+    rest: Vec<SinkItem>,
+}
+
+impl SinkItems {
+    fn push(&mut self, item: SinkItem) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(item);
+        } else {
+            self.rest.push(item);
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+}
+
+impl IntoIterator for SinkItems {
+    type Item = SinkItem;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<SinkItem>, std::vec::IntoIter<SinkItem>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 /// Keys (blessings, discharges) of the credentials each side presents on
 /// a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +474,7 @@ pub struct ConnState {
     /// The two flows that most recently received data, and when.
     recent_receivers: [Option<(FlowId, Instant)>; 2],
     /// Data and ends for flows with sinks, not yet taken by the reader.
-    sink_items: Vec<SinkItem>,
+    sink_items: SinkItems,
     peer_lame_duck: bool,
     local_lame_duck: bool,
     lame_duck_acked: bool,
@@ -525,7 +562,7 @@ impl ConnState {
             health_sent_at: None,
             last_rtt_sample: now,
             recent_receivers: [None, None],
-            sink_items: Vec::new(),
+            sink_items: SinkItems::default(),
             peer_lame_duck: false,
             local_lame_duck: false,
             lame_duck_acked: false,
@@ -1863,7 +1900,7 @@ impl ConnState {
     }
 
     /// Data and ends for flows with sinks since the last call, in order.
-    pub fn take_sink_items(&mut self) -> Vec<SinkItem> {
+    pub fn take_sink_items(&mut self) -> SinkItems {
         std::mem::take(&mut self.sink_items)
     }
 

@@ -537,7 +537,7 @@ fn a_sink_gets_waiting_then_new_messages_in_order_and_the_end_last() {
     p.a.close_write(f);
     p.pump();
     assert_eq!(
-        p.b.take_sink_items(),
+        p.b.take_sink_items().into_iter().collect::<Vec<_>>(),
         vec![
             SinkItem::Data(sink_id, Bytes::from_static(b"three"), false),
             SinkItem::End(sink_id)
@@ -723,7 +723,7 @@ fn end_in_flight() -> (Pair, FlowId, Vec<SinkItem>) {
     assert_eq!(write_all(&mut p.a, f, b"y"), 1);
     p.a.close_write(f);
     p.pump();
-    let items = p.b.take_sink_items();
+    let items: Vec<_> = p.b.take_sink_items().into_iter().collect();
     assert_eq!(items.len(), 3);
     (p, g, items)
 }
@@ -1395,7 +1395,7 @@ fn a_sink_is_handed_a_small_payload_apart_from_its_big_frame() {
     let range = frame.as_ptr_range();
     p.b.handle_frame(p.now, frame.clone(), built.encrypted_len)
         .unwrap();
-    let items = p.b.take_sink_items();
+    let items: Vec<_> = p.b.take_sink_items().into_iter().collect();
     let [SinkItem::Data(id, data, _)] = &items[..] else {
         panic!("expected one message for the sink: {items:?}");
     };
