@@ -26,7 +26,7 @@ pub fn varint_len(value: u64) -> usize {
 
 /// Appends `value` as a varint.
 #[inline]
-pub fn put_varint(buf: &mut BytesMut, value: u64) {
+pub fn put_varint(buf: &mut impl BufMut, value: u64) {
     if value < 0x80 {
         buf.put_u8(value as u8);
     } else {

@@ -480,14 +480,10 @@ impl RawPeer {
     /// Seals a frame whose first `encrypted_len` bytes of `plaintext` are
     /// encrypted and the rest sent in the clear (the passthrough layout).
     pub fn seal_partial(&mut self, plaintext: &[u8], encrypted_len: usize) -> Bytes {
-        let mut header = BytesMut::zeroed(FRAME_OVERHEAD);
-        let mut body = header.split_off(FRAME_OVERHEAD);
-        body.extend_from_slice(plaintext);
-        self.sealer
-            .seal(&mut header, &mut body, encrypted_len)
-            .expect("seal");
-        header.unsplit(body);
-        header.freeze()
+        let mut frame = BytesMut::zeroed(FRAME_OVERHEAD);
+        frame.extend_from_slice(plaintext);
+        self.sealer.seal(&mut frame, encrypted_len).expect("seal");
+        frame.freeze()
     }
 
     /// Seals `msgs` as the next frame.

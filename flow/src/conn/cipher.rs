@@ -132,38 +132,36 @@ impl FrameSealer {
         })
     }
 
-    /// Seals a frame in place: `header` is [`FRAME_OVERHEAD`] bytes right in
-    /// front of `body` (same allocation, see [`BytesMut::unsplit`]); the first
-    /// `encrypted_len` bytes of `body` are encrypted, the rest left as is.
-    pub fn seal(
-        &mut self,
-        header: &mut BytesMut,
-        body: &mut BytesMut,
-        encrypted_len: usize,
-    ) -> Result<()> {
-        debug_assert_eq!(header.len(), FRAME_OVERHEAD);
+    /// Seals a frame in place: `frame` is [`FRAME_OVERHEAD`] bytes of room
+    /// for the sealer, then the body, whose first `encrypted_len` bytes are
+    /// encrypted and the rest left as is.
+    pub fn seal(&mut self, frame: &mut [u8], encrypted_len: usize) -> Result<()> {
         let len =
             u32::try_from(encrypted_len).map_err(|_| Error::bad_arg("frame too large to seal"))?;
+        let (header, body) = frame
+            .split_at_mut_checked(FRAME_OVERHEAD)
+            .ok_or_else(|| Error::bad_arg("frame shorter than its sealed header"))?;
+        let encrypted = body
+            .get_mut(..encrypted_len)
+            .ok_or_else(|| Error::bad_arg("frame shorter than its encrypted part"))?;
         let nonce = next_nonce(&mut self.counter)?;
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce, Aad::empty(), &mut body[..encrypted_len])
+            .seal_in_place_separate_tag(nonce, Aad::empty(), encrypted)
             .map_err(|_| Error::network("frame encryption failed"))?;
-        header[..4].copy_from_slice(&len.to_be_bytes());
-        header[4..].copy_from_slice(tag.as_ref());
+        let (length, tag_room) = header.split_at_mut(4);
+        length.copy_from_slice(&len.to_be_bytes());
+        tag_room.copy_from_slice(tag.as_ref());
         Ok(())
     }
 
     /// Seals `plaintext` into a new frame (for the handshake's few frames).
     pub fn seal_to_bytes(&mut self, plaintext: &[u8]) -> Result<Bytes> {
-        let mut header = BytesMut::with_capacity(FRAME_OVERHEAD + plaintext.len());
-        header.put_bytes(0, FRAME_OVERHEAD);
-        let mut body = header.split_off(FRAME_OVERHEAD);
-        body.put_slice(plaintext);
-        let len = body.len();
-        self.seal(&mut header, &mut body, len)?;
-        header.unsplit(body);
-        Ok(header.freeze())
+        let mut frame = BytesMut::with_capacity(FRAME_OVERHEAD + plaintext.len());
+        frame.put_bytes(0, FRAME_OVERHEAD);
+        frame.put_slice(plaintext);
+        self.seal(&mut frame, plaintext.len())?;
+        Ok(frame.freeze())
     }
 }
 
@@ -243,11 +241,9 @@ mod tests {
             let (mut sealer, mut opener) = pair(suite);
             let mut header = BytesMut::new();
             header.put_bytes(0, FRAME_OVERHEAD);
-            let mut body = header.split_off(FRAME_OVERHEAD);
-            body.put_slice(b"secret part");
-            body.put_slice(b"tail");
-            sealer.seal(&mut header, &mut body, 11).unwrap();
-            header.unsplit(body);
+            header.put_slice(b"secret part");
+            header.put_slice(b"tail");
+            sealer.seal(&mut header, 11).unwrap();
             assert!(!header.windows(6).any(|w| w == b"secret"));
             let (plain, enc) = opener.open(header).unwrap();
             assert_eq!(&plain[..], b"secret parttail");

@@ -1000,9 +1000,7 @@ impl Transmitter {
     /// Seals the frames built, in order, after those already sealed.
     fn seal(&mut self) -> Result<()> {
         for (mut frame, encrypted_len, tail) in self.built.drain(..) {
-            let mut body = frame.split_off(FRAME_OVERHEAD);
-            self.sealer.seal(&mut frame, &mut body, encrypted_len)?;
-            frame.unsplit(body);
+            self.sealer.seal(&mut frame, encrypted_len)?;
             self.sealed.push(Frame::with_tail(frame.freeze(), tail));
         }
         Ok(())

@@ -470,7 +470,9 @@ pub struct ConnState {
     last_received: Instant,
     last_used: Instant,
     health_sent_at: Option<Instant>,
-    last_rtt_sample: Instant,
+    /// When the round trip is next sampled while data flows (a sample's
+    /// time plus [`RTT_PROBE_INTERVAL`]).
+    next_rtt_probe: Instant,
     /// The two flows that most recently received data, and when.
     recent_receivers: [Option<(FlowId, Instant)>; 2],
     /// Data and ends for flows with sinks, not yet taken by the reader.
@@ -560,7 +562,7 @@ impl ConnState {
             last_received: now,
             last_used: now,
             health_sent_at: None,
-            last_rtt_sample: now,
+            next_rtt_probe: rtt_probe_after(now),
             recent_receivers: [None, None],
             sink_items: SinkItems::default(),
             peer_lame_duck: false,
@@ -977,7 +979,7 @@ impl ConnState {
             Message::HealthCheckResponse => {
                 if let Some(sent) = self.health_sent_at.take() {
                     self.rtt = now.saturating_duration_since(sent);
-                    self.last_rtt_sample = now;
+                    self.next_rtt_probe = rtt_probe_after(now);
                     // The next check is due earlier than the deadline the
                     // writer sleeps towards.
                     self.writer_waker.wake();
@@ -1276,10 +1278,7 @@ impl ConnState {
             return self.finish_frame(buf, None);
         }
         // Sample the round trip now and then while data flows.
-        if self.health_sent_at.is_none()
-            && !self.ready.is_empty()
-            && now.saturating_duration_since(self.last_rtt_sample) >= RTT_PROBE_INTERVAL
-        {
+        if self.health_sent_at.is_none() && !self.ready.is_empty() && now >= self.next_rtt_probe {
             self.health_sent_at = Some(now);
             self.control.push_back(Message::HealthCheckRequest);
         }
@@ -1422,8 +1421,7 @@ impl ConnState {
             && self.release_queue.is_empty()
             && self.orphan_releases.is_empty()
             && self.ready.is_empty();
-        let probe_due = self.health_sent_at.is_none()
-            && now.saturating_duration_since(self.last_rtt_sample) >= RTT_PROBE_INTERVAL;
+        let probe_due = self.health_sent_at.is_none() && now >= self.next_rtt_probe;
         if !idle || probe_due || len == 0 || len >= ZERO_COPY_MIN {
             return None;
         }
@@ -2208,6 +2206,11 @@ fn detach(payload: Bytes, frame_len: usize) -> Bytes {
     } else {
         payload
     }
+}
+
+/// When the round trip is next sampled after a sample at `now`.
+fn rtt_probe_after(now: Instant) -> Instant {
+    now.checked_add(RTT_PROBE_INTERVAL).unwrap_or(now)
 }
 
 /// The error for new flows once the peer entered lame duck.
