@@ -50,14 +50,7 @@ async fn round_trip(w: &mut dyn FrameWriter, r: &mut dyn FrameReader, frames: &[
 /// Frames of 0 bytes, 1 byte and the maximum size, one per call and all in
 /// one call, in both directions.
 async fn edge_sizes(case: Case) {
-    let registry = Registry::with_defaults();
-    let Pair {
-        listener: _listener,
-        dialer,
-        acceptor,
-    } = case.pair(&registry).await;
-    let (mut dr, mut dw) = (dialer.reader, dialer.writer);
-    let (mut ar, mut aw) = (acceptor.reader, acceptor.writer);
+    let (mut dr, mut dw, mut ar, mut aw, _listener) = case.halves().await;
     let sizes = [0, 1, MAX_FRAME_SIZE, 0, 1, MAX_FRAME_SIZE - 1, 0];
     let frames: Vec<Bytes> = sizes
         .iter()
@@ -74,14 +67,7 @@ async fn edge_sizes(case: Case) {
 
 /// Thousands of small and medium frames in one vectored call.
 async fn many_frames_in_one_write(case: Case) {
-    let registry = Registry::with_defaults();
-    let Pair {
-        listener: _listener,
-        dialer,
-        acceptor,
-    } = case.pair(&registry).await;
-    let (mut dr, mut dw) = (dialer.reader, dialer.writer);
-    let (mut ar, mut aw) = (acceptor.reader, acceptor.writer);
+    let (mut dr, mut dw, mut ar, mut aw, _listener) = case.halves().await;
     let frames: Vec<Bytes> = (0..3000).map(|i| numbered(i, (i * 131) % 2000)).collect();
     round_trip(&mut *dw, &mut *ar, &frames).await;
     round_trip(&mut *aw, &mut *dr, &frames).await;
@@ -159,14 +145,7 @@ async fn round_trip_frames(
 /// call and mixed in one call, in both directions, through `write_frames`
 /// and through `try_write_frames`.
 async fn frames_with_tails_arrive_whole(case: Case) {
-    let registry = Registry::with_defaults();
-    let Pair {
-        listener: _listener,
-        dialer,
-        acceptor,
-    } = case.pair(&registry).await;
-    let (mut dr, mut dw) = (dialer.reader, dialer.writer);
-    let (mut ar, mut aw) = (acceptor.reader, acceptor.writer);
+    let (mut dr, mut dw, mut ar, mut aw, _listener) = case.halves().await;
     let frames = frames_of_every_shape();
     for frame in &frames {
         let one = std::slice::from_ref(frame);
@@ -209,14 +188,7 @@ async fn send_mixed(writer: &mut dyn FrameWriter, seed: u64, total: u64) -> Chec
 /// both sides close and each sees the other's end of stream.
 async fn big_transfer_both_ways(case: Case) {
     const TOTAL: u64 = 64 << 20;
-    let registry = Registry::with_defaults();
-    let Pair {
-        listener: _listener,
-        dialer,
-        acceptor,
-    } = case.pair(&registry).await;
-    let (mut dr, mut dw) = (dialer.reader, dialer.writer);
-    let (mut ar, mut aw) = (acceptor.reader, acceptor.writer);
+    let (mut dr, mut dw, mut ar, mut aw, _listener) = case.halves().await;
     // Frame counts are not known up front: each sender reports its checksum
     // over a channel and the reader stops at that many frames.
     let (dsum_tx, dsum_rx) = tokio::sync::oneshot::channel();

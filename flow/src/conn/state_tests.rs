@@ -1284,14 +1284,21 @@ fn a_busy_second_flow_shrinks_a_bulk_flows_window() {
     assert!(p.a.error().is_none() && p.b.error().is_none());
 }
 
-#[test]
-fn big_passthrough_payloads_go_out_in_frames_of_their_own_unencrypted() {
+/// A pair with 64 KiB frames and one flow, open both ways, that carried
+/// "open".
+fn pair_with_an_open_flow() -> (Pair, FlowId, FlowId) {
     let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
     let f = p.a.open_flow(FlowOptions::default()).unwrap();
     write_all(&mut p.a, f, b"open");
     p.pump();
     let g = accept(&mut p.b).unwrap();
     p.pump();
+    (p, f, g)
+}
+
+#[test]
+fn big_passthrough_payloads_go_out_in_frames_of_their_own_unencrypted() {
+    let (mut p, f, g) = pair_with_an_open_flow();
     p.a.set_passthrough(f).unwrap();
     let sealed = vec![0x5a; 10_000];
     assert_eq!(write_all(&mut p.a, f, &sealed), sealed.len());
@@ -1322,12 +1329,7 @@ fn queue_held(conn: &mut ConnState, id: FlowId, msg: &Bytes) {
 
 #[test]
 fn held_passthrough_payloads_follow_their_header_without_a_copy() {
-    let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
-    let f = p.a.open_flow(FlowOptions::default()).unwrap();
-    write_all(&mut p.a, f, b"open");
-    p.pump();
-    let g = accept(&mut p.b).unwrap();
-    p.pump();
+    let (mut p, f, g) = pair_with_an_open_flow();
     p.a.set_passthrough(f).unwrap();
     let sealed = Bytes::from(vec![0x5a; 10_000]);
     queue_held(&mut p.a, f, &sealed);
@@ -1350,12 +1352,7 @@ fn held_passthrough_payloads_follow_their_header_without_a_copy() {
 
 #[test]
 fn held_payloads_of_encrypted_flows_are_sealed_with_their_frame() {
-    let mut p = Pair::with_frames(ConnConfig::default(), 64 * 1024);
-    let f = p.a.open_flow(FlowOptions::default()).unwrap();
-    write_all(&mut p.a, f, b"open");
-    p.pump();
-    let g = accept(&mut p.b).unwrap();
-    p.pump();
+    let (mut p, f, g) = pair_with_an_open_flow();
     let big = Bytes::from(vec![0x33; 10_000]);
     let small = Bytes::from_static(b"small");
     queue_held(&mut p.a, f, &big);

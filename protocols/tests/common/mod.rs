@@ -94,6 +94,25 @@ impl Case {
             .await
     }
 
+    /// A connected pair over the default registry, taken apart: the
+    /// dialer's reader and writer, the acceptor's, and the listener (keep
+    /// it open).
+    pub async fn halves(&self) -> Halves {
+        let registry = Registry::with_defaults();
+        let Pair {
+            listener,
+            dialer,
+            acceptor,
+        } = self.pair(&registry).await;
+        (
+            dialer.reader,
+            dialer.writer,
+            acceptor.reader,
+            acceptor.writer,
+            listener,
+        )
+    }
+
     /// A listener and one connection between `dialer` and `acceptor`.
     ///
     /// The dialer speaks first, as flow's dialer does with its setup
@@ -139,6 +158,16 @@ pub struct Pair {
     pub dialer: End,
     pub acceptor: End,
 }
+
+/// Both ends of a connected pair, split, and its listener (see
+/// [`Case::halves`]).
+pub type Halves = (
+    Box<dyn FrameReader>,
+    Box<dyn FrameWriter>,
+    Box<dyn FrameReader>,
+    Box<dyn FrameWriter>,
+    Box<dyn Listener>,
+);
 
 /// One end of a connection, split.
 pub struct End {
