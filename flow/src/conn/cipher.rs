@@ -236,6 +236,19 @@ mod tests {
     }
 
     #[test]
+    fn sealing_a_frame_too_short_fails_and_spends_no_nonce() {
+        let (mut sealer, mut opener) = pair(Suite::AesGcm);
+        // No room for the length and tag; a body shorter than what is to
+        // be encrypted.
+        assert!(sealer.seal(&mut [0u8; 5], 0).is_err());
+        assert!(sealer.seal(&mut [0u8; FRAME_OVERHEAD + 3], 4).is_err());
+        // The next frame still opens with the first nonce.
+        let frame = sealer.seal_to_bytes(b"next").unwrap();
+        let (plain, _) = opener.open(BytesMut::from(&frame[..])).unwrap();
+        assert_eq!(&plain[..], b"next");
+    }
+
+    #[test]
     fn frames_round_trip_with_both_suites_and_tails() {
         for suite in [Suite::AesGcm, Suite::ChaChaPoly] {
             let (mut sealer, mut opener) = pair(suite);

@@ -2208,7 +2208,9 @@ fn detach(payload: Bytes, frame_len: usize) -> Bytes {
     }
 }
 
-/// When the round trip is next sampled after a sample at `now`.
+/// When the round trip is next sampled after a sample at `now`. (A clock
+/// reading plus a second does not overflow; were it to, the probe would
+/// be due at once rather than never.)
 fn rtt_probe_after(now: Instant) -> Instant {
     now.checked_add(RTT_PROBE_INTERVAL).unwrap_or(now)
 }
