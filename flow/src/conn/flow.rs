@@ -382,10 +382,21 @@ impl MessageSender {
 
 impl FlowWriter {
     fn poll_write_bufs(&mut self, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
+        self.poll_write_from(cx, bufs, None)
+    }
+
+    /// Writes what credit allows of `bufs` (see [`poll_send`]), once the
+    /// deadline check passes.
+    fn poll_write_from(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[&[u8]],
+        held: Option<&Bytes>,
+    ) -> Poll<Result<usize>> {
         if let Err(e) = self.timer.check(&self.inner, cx) {
             return Poll::Ready(Err(e));
         }
-        poll_send(&self.inner, cx, bufs)
+        poll_send(&self.inner, cx, bufs, held)
     }
 
     fn poll_flush_flow(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -439,13 +450,7 @@ impl FlowWriter {
     /// [`Bytes`], sent from it uncopied where
     /// [`MessageSender::try_send_bytes`] would be.
     pub async fn write_bytes(&mut self, msg: &Bytes) -> Result<()> {
-        let written = poll_fn(|cx| {
-            if let Err(e) = self.timer.check(&self.inner, cx) {
-                return Poll::Ready(Err(e));
-            }
-            poll_send_from(&self.inner, cx, &[msg], Some(msg))
-        })
-        .await?;
+        let written = poll_fn(|cx| self.poll_write_from(cx, &[msg], Some(msg))).await?;
         if written < msg.len() {
             // Taken in part (a flow that splits messages): the rest the
             // usual way.
@@ -484,14 +489,9 @@ impl FlowWriter {
 
 /// Queues what credit allows of `bufs` on the flow and, where the
 /// transport takes frames without waiting, sends them from this task,
-/// sparing a hand-off to the writer task.
-fn poll_send(inner: &FlowInner, cx: &mut Context<'_>, bufs: &[&[u8]]) -> Poll<Result<usize>> {
-    poll_send_from(inner, cx, bufs, None)
-}
-
-/// As [`poll_send`]; `held`, when given, is `bufs`' one buffer as a
-/// [`Bytes`] the flow may keep instead of copying it.
-fn poll_send_from(
+/// sparing a hand-off to the writer task. `held`, when given, is `bufs`'
+/// one buffer as a [`Bytes`] the flow may keep instead of copying it.
+fn poll_send(
     inner: &FlowInner,
     cx: &mut Context<'_>,
     bufs: &[&[u8]],
@@ -567,7 +567,7 @@ fn try_send_whole(inner: &FlowInner, msg: &[u8], held: Option<&Bytes>) -> Result
         return Ok(true);
     }
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    match poll_send_from(inner, &mut cx, &[msg], held) {
+    match poll_send(inner, &mut cx, &[msg], held) {
         Poll::Ready(Ok(_)) => Ok(true),
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Ok(false),
